@@ -1,0 +1,286 @@
+"""Typed experiment configuration: dataclasses, YAML files in `configs/`, dotted `key=value` overrides.
+
+OmegaConf parses YAML and dotted overrides and type-checks them against the dataclasses; this module turns
+its multi-line exceptions into one line that names the key, and checks ranges and choices in
+`__post_init__` (run when OmegaConf builds the final dataclass objects).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the key."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: {value!r} is not allowed; must be {bound}{' or null' if allow_none else ''}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | fashion_mnist
+    root: str = "data"  # folder with the IDX files (flat or torchvision's <root>/MNIST/raw), or download target
+    split: str = "train"  # train | test | all
+    download: bool = True  # fetch with torchvision when the files are missing (main process first)
+    num_workers: int = 0  # batches are single index ops on a resident tensor: workers rarely pay off
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, ("mnist", "fashion_mnist"))
+        _choice("data.split", self.split, ("train", "test", "all"))
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mlp"  # mlp | dcgan
+    z_dim: int = 100
+    g_hidden: list[int] = field(default_factory=lambda: [256, 512, 1024])  # MLP generator widths
+    d_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # MLP discriminator widths
+    leaky_slope: float = 0.2
+    dropout: float = 0.3  # discriminator dropout (MLP); 0 disables
+    g_channels: int = 128  # DCGAN generator base width
+    d_channels: int = 64  # DCGAN discriminator base width
+    d_batchnorm: bool = True  # DCGAN discriminator BatchNorm (must be off for wgan-gp)
+
+    def __post_init__(self) -> None:
+        _choice("model.arch", self.arch, ("mlp", "dcgan"))
+        for key in ("z_dim", "g_channels", "d_channels"):
+            _positive(f"model.{key}", getattr(self, key))
+        for key in ("g_hidden", "d_hidden"):
+            widths = getattr(self, key)
+            if not widths or any(w <= 0 for w in widths):
+                raise ConfigError(f"model.{key}: {list(widths)} is not allowed; need a non-empty list of widths > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} is not allowed; must be in [0, 1)")
+        _positive("model.leaky_slope", self.leaky_slope, allow_zero=True)
+
+
+@dataclass
+class LossConfig:
+    kind: str = "bce"  # bce (non-saturating) | hinge | wgan-gp
+    real_label: float = 1.0  # one-sided label smoothing for bce, e.g. 0.9
+    gp_weight: float = 10.0  # wgan-gp gradient penalty weight
+
+    def __post_init__(self) -> None:
+        _choice("loss.kind", self.kind, ("bce", "hinge", "wgan-gp"))
+        if not 0.5 < self.real_label <= 1.0:
+            raise ConfigError(f"loss.real_label: {self.real_label} is not allowed; must be in (0.5, 1]")
+        _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    d_steps: int = 1  # the G is updated every d_steps iterations (wgan-gp's n_critic, e.g. 5)
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr_g", self.lr_g)
+        _positive("optim.lr_d", self.lr_d)
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optim.{key}: {getattr(self, key)} is not allowed; must be in [0, 1)")
+        _positive("optim.d_steps", self.d_steps)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 100  # global: summed over all processes
+    epochs: int = 200
+    steps: int | None = None  # optional cap on iterations (one batch: a D update, plus a G update every d_steps)
+    max_seconds: float | None = None  # wall-clock budget: stop cleanly, checkpoint, exit 0
+    precision: str = "auto"  # auto | no | fp16 | bf16
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    reuse_fake: bool = True  # G step reuses the D step's G forward (as PyTorch's DCGAN example) instead of a new one
+    compile: bool = False  # torch.compile G and D
+    threads: int | None = None  # torch intra-op threads per process; null: cores / local processes
+    check_consistency: bool = False  # also verify identical weights on all ranks at every log step
+
+    def __post_init__(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.epochs", self.epochs)
+        _positive("train.steps", self.steps, allow_none=True)
+        _positive("train.max_seconds", self.max_seconds, allow_none=True)
+        _positive("train.threads", self.threads, allow_none=True)
+        _choice("train.precision", self.precision, ("auto", "no", "fp16", "bf16"))
+        if not self.resume:
+            raise ConfigError("train.resume: empty is not allowed; use auto, never or a checkpoint path")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 2000  # steps between checkpoints (one is also written at the end)
+    keep: int = 3  # complete checkpoints kept, newest first
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between metrics lines
+    sample_every: int = 500  # steps between fixed-noise grids
+    n_samples: int = 64  # images in each grid
+    wandb: str = "auto"  # auto | online | offline | disabled
+    project: str = "gan-ddp"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _positive("log.every", self.every)
+        _positive("log.sample_every", self.sample_every)
+        _positive("log.n_samples", self.n_samples)
+        _choice("log.wandb", self.wandb, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True  # keep an EMA of G; grids, `sample` and evaluation use it unless told otherwise
+    decay: float = 0.999
+    rampup: bool = True  # beta_t = min(decay, (1 + t) / (10 + t)): forget the random init quickly
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"ema.decay: {self.decay} is not allowed; must be in (0, 1)")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.kind == "wgan-gp" and self.model.arch == "dcgan" and self.model.d_batchnorm:
+            raise ConfigError("model.d_batchnorm: must be false with loss.kind=wgan-gp (the penalty is per sample)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _section_keys(path: str) -> list[str]:
+    """All dotted keys of the config tree under `path` ('' for the root), for 'did you mean' hints."""
+    node: Any = Config
+    for part in filter(None, path.split(".")):
+        node = {f.name: f for f in fields(node)}[part].default_factory  # type: ignore[misc]
+    return [f.name for f in fields(node)]
+
+
+def _all_keys(cls: Any = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += _all_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _translate(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    """One line from OmegaConf's multi-line errors: the key, what was wrong, what is allowed."""
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        candidates = _all_keys() + [f.name for f in fields(Config)]
+        close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+        section = key.rpartition(".")[0]
+        try:
+            nearby = _section_keys(section)
+            nearby_text = f"; keys in {section or 'the top level'}: {', '.join(nearby)}"
+        except (KeyError, TypeError):
+            nearby_text = ""
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return ConfigError(f"{source}: unknown key '{key}'{hint}{nearby_text}")
+    if isinstance(exc, ValidationError):
+        want = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
+        first = str(exc).splitlines()[0]
+        match = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
+        if match:
+            return ConfigError(f"{source}: {key}={match.group(1)!r} is not a valid {match.group(3).lower()}")
+        return ConfigError(f"{source}: {key}: {first}{f' (expected {want})' if want else ''}")
+    return ConfigError(f"{source}: {key}: {str(exc).splitlines()[0]}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated; returns the dataclass tree."""
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as exc:
+            raise _translate(exc, str(path)) from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.batch_size=128")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _translate(exc, f"override {item!r}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, "config") from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved config (plus run facts such as the chosen precision) as YAML."""
+    data = cfg.to_dict()
+    if extra:
+        data["resolved"] = extra
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a saved `config.yaml` (ignoring the `resolved` facts)."""
+    data = {k: v for k, v in data.items() if k != "resolved"}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, "saved config") from None

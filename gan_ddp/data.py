@@ -1,0 +1,317 @@
+"""MNIST / Fashion-MNIST loading for the GAN trainer.
+
+The data is read straight from the IDX files into one uint8 tensor, so it is
+small enough (47 MB for MNIST train) to keep resident on each process, or even
+on its GPU, and batches are cut with a single index op instead of a per-sample
+Python loop. Everything that can go wrong with the files is reported as a
+one-line ``DataError`` naming the file, because the CLI prints it verbatim.
+
+torchvision is only used to download (imported lazily, as it is slow to import);
+the files it leaves behind are read by ``read_idx`` like any others, so there is
+a single loading path to trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import math
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+DATASETS = ("mnist", "fashion_mnist")
+SPLITS = ("train", "test", "all")
+
+_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Folders under data.root, in search order; "MNIST/raw" etc. is where torchvision downloads to.
+_SUBDIRS = {
+    "mnist": ("", "MNIST/raw", "mnist"),
+    "fashion_mnist": ("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
+}
+_MAX_BYTES = 1 << 31  # far above any MNIST-like file (train images: 47 MB)
+_KINDS = {1: "a labels file (1-D)", 3: "an images file (3-D)"}
+
+
+class DataError(ValueError):
+    """A one-line, user-facing problem with the data files or data settings."""
+
+
+def _kind(ndim: int) -> str:
+    return _KINDS.get(ndim, f"a {ndim}-D IDX file")
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytearray:
+    """Read up to ``size`` bytes into one preallocated buffer; shorter only at end of file."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    del view  # a live export would forbid resizing
+    del buf[got:]
+    return buf
+
+
+def _remaining(stream: BinaryIO) -> int:
+    return sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
+
+
+def read_idx(path: str | Path, expect_ndim: int) -> Tensor:
+    """Read a uint8 IDX file (optionally ``.gz``) into a tensor shaped as its header says."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as stream:
+            # Streamed into a buffer sized from the header: the payload is never copied.
+            head = _read_exact(stream, 4)
+            if len(head) < 4:
+                raise DataError(f"{path}: header too short: file has {len(head)} bytes, an IDX header needs 4+")
+            expected = 0x800 | expect_ndim
+            magic = int.from_bytes(head, "big")
+            if magic != expected:
+                raise DataError(
+                    f"{path}: bad magic number 0x{magic:08x}, expected 0x{expected:08x} "
+                    f"(uint8, {_kind(expect_ndim)}); {_diagnose(bytes(head))}"
+                )
+            dims_raw = _read_exact(stream, 4 * expect_ndim)
+            if len(dims_raw) < 4 * expect_ndim:
+                raise DataError(
+                    f"{path}: header too short: {expect_ndim} dimension sizes need {4 * expect_ndim} bytes "
+                    f"after the magic number, found {len(dims_raw)}"
+                )
+            shape = struct.unpack(f">{expect_ndim}I", dims_raw)
+            size = math.prod(shape)  # Python ints: np.prod would silently overflow on a bogus header
+            if size > _MAX_BYTES:  # a corrupt header must not make us allocate terabytes
+                raise DataError(f"{path}: header {list(shape)} declares {size} bytes of data, which is implausible")
+            what = "pixel" if expect_ndim == 3 else "label"
+            data = _read_exact(stream, size)
+            if len(data) < size:
+                raise DataError(
+                    f"{path}: truncated: header {list(shape)} expects {size} bytes of {what} data "
+                    f"after the header, found {len(data)}"
+                )
+            extra = _remaining(stream)  # also makes gzip verify its CRC
+            if extra:
+                raise DataError(
+                    f"{path}: {extra} trailing bytes after the {size} bytes of {what} data "
+                    f"the header {list(shape)} declares"
+                )
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip stream ({_one_line(exc)})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from exc
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(shape))
+
+
+def _diagnose(head: bytes) -> str:
+    if head[:2] == b"\x1f\x8b":
+        return "the file is gzip-compressed, give it a .gz suffix"
+    if head[:3] == b"\x00\x00\x08":
+        return f"looks like {_kind(head[3])}"
+    if head[:2] == b"\x00\x00":
+        return f"data type byte 0x{head[2]:02x} is not 0x08 (uint8)"
+    return "not an IDX file"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise DataError(f"unknown {name} {value!r}: expected one of {', '.join(choices)}")
+
+
+def _how_to_get(dataset: str, offer_download: bool) -> str:
+    site = "MNIST" if dataset == "mnist" else "Fashion-MNIST"
+    advice = f"copy the four IDX files (from the {site} site / any mirror) into data.root"
+    if offer_download:
+        advice = f"run with data.download=true on a machine with internet, or {advice}"
+    if dataset == "fashion_mnist":
+        advice += "; on Debian: apt-get install dataset-fashion-mnist, then data.root=/usr/share/datasets/fashion-mnist"
+    return advice
+
+
+def find_split_files(root: str | Path, dataset: str, split_name: str) -> tuple[Path, Path]:
+    """Return (images, labels) paths of one split, both from the first folder that has both."""
+    _check_choice("dataset", dataset, DATASETS)
+    _check_choice("split", split_name, ("train", "test"))
+    root = Path(root).expanduser()
+    folders = [root / sub for sub in _SUBDIRS[dataset]]
+    for folder in folders:
+        found = [_existing(folder / stem) for stem in _STEMS[split_name]]
+        if found[0] and found[1]:
+            return found[0], found[1]
+    names = " and ".join(f"{stem}[.gz]" for stem in _STEMS[split_name])
+    raise DataError(
+        f"{dataset} {split_name} files not found: need {names} in one of "
+        f"{', '.join(f'{f}/' for f in folders)}; {_how_to_get(dataset, offer_download=True)}"
+    )
+
+
+def _existing(stem: Path) -> Path | None:
+    # Uncompressed first: it is what a previous run (or torchvision) extracted.
+    for candidate in (stem, stem.with_name(stem.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
+    from torchvision import datasets  # lazy: only needed here, and slow to import
+
+    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    try:
+        for split_name in splits:
+            cls(str(root), train=split_name == "train", download=True)
+    except (OSError, RuntimeError) as exc:  # torchvision wraps URLError etc. in a multi-line RuntimeError
+        raise DataError(
+            f"could not download {dataset} into {root}: {_one_line(exc)}; {_how_to_get(dataset, False)}"
+        ) from exc
+
+
+def _locate(dataset: str, root: Path, splits: Sequence[str], download: bool) -> list[tuple[Path, Path]]:
+    try:
+        return [find_split_files(root, dataset, s) for s in splits]
+    except DataError:
+        if not download:
+            raise
+    _download(dataset, root, splits)
+    return [find_split_files(root, dataset, s) for s in splits]
+
+
+def _read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
+    images = read_idx(images_path, expect_ndim=3)
+    labels = read_idx(labels_path, expect_ndim=1)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels")
+    if tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    if labels.numel() and int(labels.max()) > 9:
+        raise DataError(f"{labels_path}: label {int(labels.max())} is outside 0..9")
+    return images, labels.long()
+
+
+def load_arrays(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    download: bool,
+    main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> tuple[Tensor, Tensor]:
+    """Load images uint8 (N, 28, 28) and labels int64 (N,); split "all" is train then test.
+
+    ``main_process_first`` is e.g. ``accelerator.main_process_first``; it holds barriers, so it is
+    entered exactly once on every process, download or not.
+    """
+    _check_choice("dataset", dataset, DATASETS)
+    _check_choice("split", split, SPLITS)
+    root = Path(root).expanduser()
+    splits = ("train", "test") if split == "all" else (split,)
+    failure: Exception | None = None
+    paths: list[tuple[Path, Path]] = []
+    with main_process_first():
+        # Raising inside the block would skip Accelerate's closing barrier and hang the other
+        # processes, so any error is held until every process has left it.
+        try:
+            paths = _locate(dataset, root, splits, download)
+        except Exception as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+    # Read outside the block so processes read in parallel rather than one after another.
+    parts = [_read_split(*p) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):
+    """In-memory images (N, 1, 28, 28) uint8 and labels (N,) int64 that batch with one index op."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.dim() != 3 or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"expected images (N, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        self.images = images.unsqueeze(1)  # a view: the 47 MB is not copied
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        # DataLoader calls this with the whole batch's indices instead of __getitem__ per sample.
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        return self.images[idx], self.labels[idx]
+
+    def to(self, device: torch.device | str) -> ImageTensorDataset:
+        """Move the data (e.g. onto the GPU, to keep it resident there); returns self."""
+        self.images = self.images.to(device)
+        self.labels = self.labels.to(device)
+        return self
+
+
+def collate_batch(batch: tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Pass through a batch already built by ``__getitems__``; stack a list of single samples."""
+    if isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+        return batch
+    return torch.stack([image for image, _ in batch]), torch.stack([label for _, label in batch])
+
+
+def normalize(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], on x's device (done per batch so the stored data stays uint8)."""
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Inverse of ``normalize`` for generator outputs in [-1, 1]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def data_checksum(images: Tensor, labels: Tensor) -> str:
+    """sha256 hex of the raw image bytes (uint8) then label bytes (int64)."""
+    digest = hashlib.sha256()
+    for tensor in (images.to(torch.uint8), labels.to(torch.int64)):
+        digest.update(tensor.detach().cpu().contiguous().numpy())
+    return digest.hexdigest()
+
+
+def make_loader(
+    dataset: Dataset[tuple[Tensor, Tensor]],
+    batch_size_per_process: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader[tuple[Tensor, Tensor]]:
+    """A plain DataLoader (RandomSampler/SequentialSampler) so that Accelerate can shard it."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size_per_process,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,139 @@
+"""Everything about processes and devices: building the Accelerator, choosing precision by hardware,
+refusing silently non-distributed launches, checking that ranks hold identical weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch does not match what the processes see; the message says how to launch correctly."""
+
+
+def choose_precision(
+    requested: str,
+    device_type: str,
+    capability: tuple[int, int] | None = None,
+    cpu_has_bf16: bool = False,
+) -> tuple[str, str]:
+    """Return (precision, reason). Pure, so the GPU branches are testable on a CPU box.
+
+    CUDA: bf16 from compute capability 8.0 (A100, H100, A10G; same exponent range as fp32, no scaler);
+    below that fp16 with a gradient scaler (V100/T4 have fp16 tensor cores; K80 has none, fp16 only saves
+    memory there). CPU: bf16 autocast when the CPU has native bf16 dot products (AVX512-BF16/AMX),
+    which measured fastest on this project's CPU machines (README, "Speed"); plain fp32 otherwise,
+    because emulated bf16 is slower than fp32.
+    """
+    if requested != "auto":
+        if requested == "fp16" and device_type == "cpu":
+            return "fp16", "requested (fp16 on CPU is slow; useful only to exercise the gradient scaler)"
+        if requested == "bf16" and device_type == "cuda" and capability and capability < (8, 0):
+            return "bf16", f"requested (compute capability {capability[0]}.{capability[1]} has no native bf16)"
+        return requested, "requested"
+    if device_type == "cuda":
+        assert capability is not None
+        cc = f"{capability[0]}.{capability[1]}"
+        if capability >= (8, 0):
+            return "bf16", f"auto: CUDA compute capability {cc} >= 8.0 has native bf16"
+        return "fp16", f"auto: CUDA compute capability {cc} < 8.0: fp16 with a gradient scaler"
+    if cpu_has_bf16:
+        return "bf16", "auto: CPU with native bf16 (AVX512-BF16/AMX)"
+    return "no", "auto: CPU without native bf16: fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def want_cpu() -> bool:
+    """Build the Accelerator with cpu=True when no GPU is visible: otherwise `torchrun` or
+    `accelerate launch --multi_gpu` on a GPU-less box start N processes that each train alone."""
+    return not torch.cuda.is_available()
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+
+
+def check_distributed(num_processes: int, environ: dict[str, str] | None = None) -> None:
+    """Refuse to run N independent trainings that each believe they are alone."""
+    env = os.environ if environ is None else environ
+    launched = int(env.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes != launched:
+        raise DistributedSetupError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate set up "
+            f"{num_processes}: each would train alone. Without GPUs launch with "
+            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or "
+            "`torchrun --nproc_per_node N` (see launch/cpu_multiproc.sh); on a GPU box check `nvidia-smi`"
+        )
+
+
+def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None):
+    """The one Accelerator of a run. Imported lazily so the leaf modules test without Accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # broadcast_buffers=False: with BatchNorm in D, the D step runs D(real) and D(fake) before one
+    # backward; DDP's default re-broadcast of buffers before the second forward modifies tensors the
+    # first forward saved (pytorch #22095). Ranks keep their own BN statistics instead, which are
+    # averaged before anything reads them (grids, checkpoints: `average_buffers`), as StyleGAN2-ADA does.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(
+        cpu=want_cpu(),
+        mixed_precision=precision,
+        kwargs_handlers=[ddp],
+        # Our sampler derives each epoch's order from (seed, epoch) on every rank: nothing to broadcast.
+        rng_types=[],
+        log_with=log_with,
+        project_dir=project_dir,
+    )
+
+
+def average_buffers(accelerator, modules: Iterable[nn.Module]) -> None:
+    """Average floating-point buffers (BatchNorm running stats) over processes; all ranks must call."""
+    if accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
+
+
+def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """Per-tensor float64 checksums (sum and a position-weighted sum, so permutations are caught)."""
+    names, sums = [], []
+    for name, t in named:
+        flat = t.detach().reshape(-1).double()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        names.append(name)
+        sums.append(torch.stack([flat.sum(), (flat * weights).sum() / flat.numel()]))
+    return names, torch.stack(sums)
+
+
+class ConsistencyError(RuntimeError):
+    pass
+
+
+def check_consistency(accelerator, models: dict[str, nn.Module], step: int) -> None:
+    """All ranks: gather weight checksums and fail, naming the first tensor that differs from rank 0."""
+    if accelerator.num_processes == 1:
+        return
+    named = [
+        (f"{prefix}.{name}", t)
+        for prefix, model in models.items()
+        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    ]
+    names, digest = weights_digest(named)
+    everyone = accelerator.gather(digest.unsqueeze(0))  # (world, n_tensors, 2)
+    differs = (everyone != everyone[0:1]).any(dim=2)  # (world, n_tensors)
+    if bool(differs.any()):
+        rank, index = (int(i) for i in differs.nonzero()[0])
+        raise ConsistencyError(
+            f"DDP consistency check failed at step {step}: {names[index]} differs between rank 0 and rank {rank}"
+        )
