@@ -40,6 +40,9 @@ from gan_ddp.models import build_models, count_parameters, model_signature
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again (launch/slurm.sbatch requeues)
+# torchrun and `accelerate launch` turn a worker's 75 into their own exit code 1: on preemption the main
+# process also writes this file into run.dir (removed when the run starts again), for job scripts.
+PREEMPTED_MARKER = "PREEMPTED"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
 
@@ -107,6 +110,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
+        self.created = time.monotonic()  # train.max_seconds counts set-up too, as a job's time limit does
         self.cfg = cfg
         self.precision, self.precision_reason = resolve_precision(cfg.train.precision)
         self.accelerator = acc = make_accelerator(self.precision)
@@ -149,6 +153,9 @@ class Trainer:
             drop_last=True,
             collate_fn=collate_batch,
             num_workers=cfg.data.num_workers,
+            # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout)
+            # alone, so a resume that starts mid-epoch draws the same dropout masks as an unbroken run.
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.num_images = len(dataset)
 
@@ -407,6 +414,7 @@ class Trainer:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             ckpt.clean_temporaries(self.ckpt_root)
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         self.resume()
         if self.is_main:
@@ -416,8 +424,11 @@ class Trainer:
             f"({self.precision_reason}), {self.threads} thread(s)/process, {self.num_images} images, "
             f"{self.steps_per_epoch} steps/epoch, G {self.n_params[0]:,} / D {self.n_params[1]:,} parameters"
         )
+        if self.step >= self.total_steps:
+            self.console.print(f"nothing to do: step {self.step} already reached {self.total_steps} (train.steps/epochs)")
+            return EXIT_OK
         previous = {s: signal.signal(s, self.stop.handler) for s in STOP_SIGNALS}
-        started = time.monotonic()
+        started = self.created
         exit_code, reason = EXIT_OK, "done"
         self.console.start(self.total_steps, self.step)
         try:
@@ -427,6 +438,8 @@ class Trainer:
                 signal.signal(s, h)
             self.console.stop()
         if self.is_main:
+            if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
+                (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
             self._finish_artifacts()
         self.console.summary(self._summary(reason, time.monotonic() - started))
         return exit_code
@@ -438,7 +451,9 @@ class Trainer:
         step_seconds = 0.0
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch)
+            # Through Accelerate's loader, not the sampler: its __iter__ re-applies its own epoch counter
+            # (`iteration`) to the sampler, and skip_first_batches copies that counter.
+            self.loader.set_epoch(epoch)
             batches = acc.skip_first_batches(self.loader, position) if position else self.loader
             for batch in batches:
                 t0 = time.monotonic()
@@ -475,14 +490,16 @@ class Trainer:
                         return EXIT_OK, "time budget"
                 if self.step >= self.total_steps:
                     break
+        # The checkpoint first: it keeps the open metrics window, so training extended later (more
+        # steps or epochs) logs exactly what one longer run would have.
+        if last_saved != self.step:
+            self.save_checkpoint()
         if self.window_steps:
             metrics = self._flush_metrics(self.step // self.steps_per_epoch, time.monotonic() - window_start)
             self._write_metrics(metrics)
             self.last_metrics = metrics
         if self.step % cfg.log.sample_every:
             self._save_grid()
-        if last_saved != self.step:
-            self.save_checkpoint()
         return EXIT_OK, "done"
 
     def _finish_artifacts(self) -> None:

@@ -1,0 +1,105 @@
+"""Shared helpers for tests that run real trainings in subprocesses (one process or several)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def train_cmd(run_dir: Path, *overrides: str, config: Path = SMOKE) -> list[str]:
+    return [
+        "train",
+        "--config",
+        str(config),
+        f"data.root={MNIST}",
+        f"run.dir={run_dir}",
+        "log.wandb=disabled",
+        *overrides,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gan_ddp", *args],
+        cwd=REPO,
+        env=env or base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def torchrun_cmd(nproc: int, args: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    launcher = extra or ("--standalone",)
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc), "-m", "gan_ddp", *args]
+
+
+def torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: int = 300):
+    return subprocess.run(
+        torchrun_cmd(nproc, args), cwd=REPO, env=env or base_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert found, f"no checkpoint in {run_dir}"
+    return found[-1]
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a resume depends on: G, D, EMA, both optimizers (flattened, keyed by path)."""
+    out = {f"G.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+    out.update({f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()})
+    if (ckpt / "ema.safetensors").exists():
+        out.update({f"EMA.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
+    for name in ("optimizer.bin", "optimizer_1.bin"):
+        state = torch.load(ckpt / name, weights_only=True)
+        for pid, slots in state["state"].items():
+            for slot, value in slots.items():
+                out[f"{name}.{pid}.{slot}"] = torch.as_tensor(value)
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), f"{key} differs"
+        else:
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+LOSS_KEYS = ("loss/d", "loss/g", "score/real", "score/fake")
+
+
+def losses_by_step(run_dir: Path, after: int = 0) -> dict[int, tuple]:
+    return {m["step"]: tuple(m[k] for k in LOSS_KEYS) for m in metric_lines(run_dir) if m["step"] > after}

@@ -1,0 +1,132 @@
+"""Checkpoints: exact resume mid-epoch, crash during a save, rotation, corrupt and foreign checkpoints,
+preemption signals and the time budget. One process here; tests/test_ddp.py repeats the key ones with two."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from _runs import (
+    MNIST,
+    REPO,
+    assert_same_tensors,
+    base_env,
+    checkpoint_tensors,
+    losses_by_step,
+    metric_lines,
+    newest_checkpoint,
+    single,
+    train_cmd,
+)
+
+from gan_ddp import checkpoint as ckpt
+
+pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
+
+# 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
+EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_resume_is_exact_mid_epoch(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(single(train_cmd(straight, *EXACT, "train.steps=14")))
+    ok(single(train_cmd(split, *EXACT, "train.steps=7")))  # stops at epoch 1, batch 2 of 5
+    state = json.loads((newest_checkpoint(split) / ckpt.STATE).read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (7, 1, 2)
+    out = ok(single(train_cmd(split, *EXACT, "train.steps=14")))
+    assert "resumed from" in out.stdout and "step 7" in out.stdout
+
+    assert_same_tensors(checkpoint_tensors(newest_checkpoint(straight)), checkpoint_tensors(newest_checkpoint(split)))
+    assert losses_by_step(straight, after=7) == losses_by_step(split, after=7)
+    steps = [m["step"] for m in metric_lines(split)]
+    assert steps == sorted(set(steps)), "duplicate or unordered steps after resume"
+    assert set(losses_by_step(straight)) <= set(steps)
+    grids = {p.name for p in (split / "samples").glob("step_*.png")}
+    assert {"step_00000004.png", "step_00000008.png", "step_00000012.png"} <= grids
+
+
+def test_kill_during_save_resumes_from_previous_complete(tmp_path):
+    run = tmp_path / "run"
+    overrides = (*EXACT, "checkpoint.every=4", "train.steps=12")
+    crashed = single(train_cmd(run, *overrides), env=base_env(**{ckpt.CRASH_ENV: "8"}))
+    assert crashed.returncode == 137
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    assert list((run / "checkpoints").glob(".tmp-*")), "the killed save left its temporary directory"
+
+    out = ok(single(train_cmd(run, *overrides)))
+    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    straight = tmp_path / "straight"
+    ok(single(train_cmd(straight, *overrides)))
+    assert_same_tensors(checkpoint_tensors(newest_checkpoint(straight)), checkpoint_tensors(newest_checkpoint(run)))
+
+
+def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path):
+    run = tmp_path / "run"
+    ok(single(train_cmd(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=20")))
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000015", "step_00000020"]
+
+    newest = run / "checkpoints" / "step_00000020"
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="checksum"):
+        ckpt.verify(newest)
+
+    out = ok(single(train_cmd(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=22")))
+    assert "skipping checkpoint" in out.stdout and "step_00000015" in out.stdout
+
+    weights.write_bytes(bytes(data))  # the fallback run rewrote step 20: corrupt it again
+    explicit = single(train_cmd(tmp_path / "other", f"train.resume={newest}", "train.steps=25"))
+    assert explicit.returncode == 2
+    assert explicit.stderr.strip().count("\n") == 0 and "checksum" in explicit.stderr
+
+    foreign = single(train_cmd(run, "model.g_hidden=[32,64]", "train.steps=30"))
+    assert foreign.returncode == 2
+    assert "model.g_hidden" in foreign.stderr and "Traceback" not in foreign.stderr
+
+
+def test_max_seconds_checkpoints_and_exits_zero(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    out = ok(single(train_cmd(run, "train.steps=1000000", "train.max_seconds=6", "checkpoint.every=100000")))
+    assert time.monotonic() - t0 < 60
+    assert "max_seconds reached" in out.stdout
+    state = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())
+    assert 0 < state["step"] < 1_000_000
+    assert not (run / "PREEMPTED").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_exits_75(tmp_path, signum):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gan_ddp", *train_cmd(run, "train.steps=1000000", "log.every=1")],
+        cwd=REPO,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert (run / "PREEMPTED").exists()
+    step = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    assert step > 0
+    # Rerunning the same command resumes from there and removes the marker.
+    out = ok(single(train_cmd(run, f"train.steps={step + 3}")))
+    assert f"step {step})" in out.stdout and not (run / "PREEMPTED").exists()

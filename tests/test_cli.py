@@ -1,0 +1,300 @@
+"""End-to-end tests of the `gan-ddp` command line (subprocesses on CPU, real MNIST t10k data).
+
+One short training run (module-scoped) is shared by the sample / interpolate / plot / animate tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from gan_ddp.config import config_from_dict
+
+STEPS = 12  # smoke.yaml: log every 5, grid and checkpoint every 10, keep 2 -> checkpoints 10 and 12
+SMOKE = "configs/smoke.yaml"
+METRIC_KEYS = ("step", "epoch", "world_size", "img_per_s", "loss/d", "loss/g", "score/real", "score/fake")
+SUBCOMMANDS = ("train", "sample", "plot", "animate", "interpolate")
+TILE = 28 + 2  # torchvision grids: 28 px images, 2 px padding between and around them
+
+
+def grid_size(cols: int, rows: int) -> tuple[int, int]:
+    """(width, height) of a torchvision grid of 28x28 tiles with padding 2."""
+    return 2 + cols * TILE, 2 + rows * TILE
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one `error:` line on stderr (no traceback) containing every needle."""
+    assert result.returncode == 2, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@dataclass
+class Run:
+    dir: Path
+    result: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, run_cli, smoke_overrides_for) -> Run:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("train", "--config", SMOKE, *smoke_overrides_for(run_dir), f"train.steps={STEPS}")
+    return Run(run_dir, result)
+
+
+@pytest.fixture(scope="module")
+def ema_samples(trained: Run, run_cli, tmp_path_factory) -> np.ndarray:
+    """100 samples (seed 0, EMA generator, newest checkpoint) as the .npz array."""
+    out = tmp_path_factory.mktemp("samples") / "seed0.npz"
+    run_cli("sample", "--run", trained.dir, "--n", "100", "--out", out)
+    return np.load(out)["arr_0"]
+
+
+def sample_array(run_cli, run_dir: Path, out: Path, *extra: str) -> np.ndarray:
+    result = run_cli("sample", "--run", run_dir, "--n", "100", "--out", out, *extra)
+    assert str(out) in result.stdout
+    return np.load(out)["arr_0"]
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def test_train_writes_the_run_directory(trained: Run, mnist_root: Path) -> None:
+    run = trained.dir
+    assert trained.result.returncode == 0
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["resolved"]["precision"] == "no"  # smoke.yaml asks for fp32
+    assert saved["resolved"]["world_size"] == 1
+    cfg = config_from_dict(saved)
+    assert cfg.train.steps == STEPS
+    assert cfg.run.dir == str(run)
+    assert Path(cfg.data.root) == mnist_root
+
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    assert (ckpt / "manifest.json").is_file()
+    assert (ckpt / "model.safetensors").is_file()
+    assert "model.safetensors" in json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert (run / "checkpoints" / "step_00000010" / "manifest.json").is_file()
+
+    assert (run / "samples" / "step_00000010.png").is_file()
+    assert (run / "samples" / f"step_{STEPS:08d}.png").is_file()  # the final grid
+    for name in ("plots/losses.png", "plots/scores.png", "samples/progress.gif"):
+        assert (run / name).is_file(), name
+        with Image.open(run / name) as im:
+            assert im.width > 0 and im.height > 0
+
+
+def test_train_metrics_lines(trained: Run) -> None:
+    rows = [json.loads(line) for line in (trained.dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows
+    for row in rows:
+        for key in METRIC_KEYS:
+            assert key in row, f"{key} missing from {row}"
+            assert isinstance(row[key], int | float) and math.isfinite(row[key]), f"{key}={row[key]!r}"
+        assert row["world_size"] == 1
+        assert row["epoch"] == 0
+        assert row["img_per_s"] > 0
+        assert 0.0 <= row["score/real"] <= 1.0 and 0.0 <= row["score/fake"] <= 1.0
+    steps = [row["step"] for row in rows]
+    assert all(isinstance(s, int) for s in steps)
+    assert steps == sorted(set(steps)), f"steps not increasing: {steps}"
+    assert steps[-1] == STEPS
+    assert 5 in steps and 10 in steps  # log.every=5
+
+
+def test_train_plain_output_when_not_a_terminal(trained: Run) -> None:
+    out = trained.result.stdout
+    assert "\x1b" not in out and "\x1b" not in trained.result.stderr  # no ANSI escapes
+    assert "\r" not in out  # no progress bar redraws
+    step_lines = [line for line in out.splitlines() if re.match(rf"step \d+/{STEPS}\b", line)]
+    assert step_lines, f"no `step N/{STEPS}` lines in:\n{out}"
+    printed = [int(re.match(r"step (\d+)/", line).group(1)) for line in step_lines]
+    assert {5, 10} <= set(printed)
+    for line in step_lines:  # one line each: the metrics did not wrap onto the next line
+        for part in ("epoch", "img/s", "D ", "G ", "score/real", "score/fake"):
+            assert part in line, f"{part!r} not in {line!r}"
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def test_sample_npz(ema_samples: np.ndarray) -> None:
+    assert ema_samples.dtype == np.uint8
+    assert ema_samples.shape == (100, 28, 28, 1)
+    assert ema_samples.max() > ema_samples.min()
+    assert len({ema_samples[i].tobytes() for i in range(100)}) > 1  # not one image repeated
+
+
+def test_sample_seed_is_reproducible(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
+    again = sample_array(run_cli, trained.dir, tmp_path / "again.npz", "--seed", "0")
+    np.testing.assert_array_equal(again, ema_samples)
+    other = sample_array(run_cli, trained.dir, tmp_path / "other.npz", "--seed", "1")
+    assert other.shape == ema_samples.shape
+    assert not np.array_equal(other, ema_samples)
+
+
+def test_sample_no_ema_differs(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
+    raw = sample_array(run_cli, trained.dir, tmp_path / "raw.npz", "--no-ema")
+    assert raw.dtype == np.uint8 and raw.shape == (100, 28, 28, 1)
+    assert not np.array_equal(raw, ema_samples)
+
+
+def test_sample_png_grid(trained: Run, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "grid.png"  # the parent folder is created
+    run_cli("sample", "--run", trained.dir, "--n", "16", "--out", out)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == grid_size(4, 4) == (122, 122)
+
+
+def test_sample_bad_suffix(trained: Run, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "x.jpg"
+    result = run_cli("sample", "--run", trained.dir, "--n", "4", "--out", out, check=False)
+    assert_user_error(result, "--out", ".png", ".npz")
+    assert not out.exists()
+
+
+def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
+    older = trained.dir / "checkpoints" / "step_00000010"
+    out = tmp_path / "older.npz"
+    result = run_cli("sample", "--run", trained.dir, "--checkpoint", older, "--n", "100", "--out", out)
+    assert "step_00000010" in result.stdout
+    arr = np.load(out)["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (100, 28, 28, 1)
+    assert not np.array_equal(arr, ema_samples)  # another checkpoint, other weights
+
+
+# ------------------------------------------------------------------------------------------- interpolate
+
+
+def test_interpolate_sweep(trained: Run, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.png"
+    run_cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "3", "--steps", "7", "--rows", "2")
+    with Image.open(out) as im:
+        assert im.size == grid_size(7, 2)
+
+
+def test_interpolate_between_seeds(trained: Run, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "between.png"
+    run_cli("interpolate", "--run", trained.dir, "--out", out, "--between", "1", "2", "--steps", "5")
+    with Image.open(out) as im:
+        assert im.size == grid_size(5, 8)  # --rows defaults to 8
+
+
+def test_interpolate_dim_out_of_range(trained: Run, run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "bad.png"
+    result = run_cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "1000", check=False)
+    assert_user_error(result, "--dim", "1000")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------- plot and animate
+
+OLD = 1_000_000_000.0  # 2001: an mtime no file written by this test run can have
+
+
+def test_plot_rewrites_the_plots(trained: Run, run_cli) -> None:
+    plots = [trained.dir / "plots" / "losses.png", trained.dir / "plots" / "scores.png"]
+    for p in plots:
+        os.utime(p, (OLD, OLD))
+    result = run_cli("plot", "--run", trained.dir)
+    for p in plots:
+        assert p.stat().st_mtime > OLD + 1, f"{p} not rewritten"
+        assert str(p) in result.stdout
+        with Image.open(p) as im:
+            assert im.format == "PNG"
+
+
+def test_animate_rewrites_the_gif(trained: Run, run_cli) -> None:
+    gif = trained.dir / "samples" / "progress.gif"
+    os.utime(gif, (OLD, OLD))
+    result = run_cli("animate", "--run", trained.dir)
+    assert gif.stat().st_mtime > OLD + 1
+    assert str(gif) in result.stdout
+    with Image.open(gif) as im:
+        assert im.format == "GIF"
+        assert im.n_frames == len(list((trained.dir / "samples").glob("step_*.png"))) == 2
+
+
+def test_plot_on_an_empty_directory(run_cli, tmp_path: Path) -> None:
+    assert_user_error(run_cli("plot", "--run", tmp_path, check=False), "metrics.jsonl")
+
+
+def test_animate_on_an_empty_directory(run_cli, tmp_path: Path) -> None:
+    assert_user_error(run_cli("animate", "--run", tmp_path, check=False), "step_*.png")
+
+
+# ----------------------------------------------------------------------------------------- user errors
+
+
+def test_unknown_override_key(run_cli, smoke_overrides: list[str]) -> None:
+    result = run_cli("train", "--config", SMOKE, *smoke_overrides, "train.bach_size=8", check=False)
+    assert_user_error(result, "train.bach_size", "did you mean train.batch_size")
+
+
+def test_missing_config_file(run_cli, smoke_overrides: list[str]) -> None:
+    result = run_cli("train", "--config", "configs/no_such_config.yaml", *smoke_overrides, check=False)
+    assert_user_error(result, "configs/no_such_config.yaml", "not found")
+
+
+def test_missing_data(run_cli, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    overrides = [f"data.root={empty}", "data.download=false", f"run.dir={run_dir}", "log.wandb=disabled"]
+    result = run_cli("train", "--config", SMOKE, *overrides, check=False)
+    line = assert_user_error(result, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", str(empty))
+    assert "data.download" in line  # says how to get the files
+
+
+def test_batch_larger_than_the_dataset(run_cli, smoke_overrides: list[str]) -> None:
+    result = run_cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=20000", check=False)
+    assert_user_error(result, "train.batch_size", "20000")
+
+
+def test_odd_batch_size_trains(run_cli, smoke_overrides: list[str], tmp_path: Path) -> None:
+    run_cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=7", "train.steps=2")
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2
+    assert (run / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    assert resolved["steps_per_epoch"] == 10_000 // 7
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).parent / "gan-ddp"
+    assert script.is_file(), f"console script not installed: {script}"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+
+
+def test_subcommand_help_and_missing_command(run_cli) -> None:
+    result = run_cli("sample", "--help")
+    for option in ("--run", "--checkpoint", "--n", "--out", "--seed", "--no-ema"):
+        assert option in result.stdout
+    result = run_cli(check=False)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
