@@ -11,6 +11,8 @@ EXIT_USAGE = 2
 
 # Errors a user can fix: printed as one `error:` line, exit code 2, no traceback.
 USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "DistributedSetupError", "FileNotFoundError")
+# Not the user's doing, but one line says it better than a traceback from every rank.
+ONE_LINE_ERRORS = (*USER_ERRORS, "ConsistencyError")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Exception as exc:
-        if type(exc).__name__ in USER_ERRORS or type(exc) is ValueError:
+        if type(exc).__name__ in ONE_LINE_ERRORS or type(exc) is ValueError:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

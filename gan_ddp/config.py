@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -117,6 +118,8 @@ class TrainConfig:
     check_consistency: bool = False  # also verify identical weights on all ranks at every log step
 
     def __post_init__(self) -> None:
+        if self.precision == "False":  # YAML 1.1 reads a bare `no` as false; the field's type makes it "False"
+            self.precision = "no"
         _positive("train.batch_size", self.batch_size)
         _positive("train.epochs", self.epochs)
         _positive("train.steps", self.steps, allow_none=True)
@@ -212,9 +215,9 @@ def _all_keys(cls: Any = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _translate(exc: OmegaConfBaseException, source: str) -> ConfigError:
+def _translate(exc: OmegaConfBaseException, source: str, key_hint: str = "?") -> ConfigError:
     """One line from OmegaConf's multi-line errors: the key, what was wrong, what is allowed."""
-    key = getattr(exc, "full_key", None) or "?"
+    key = getattr(exc, "full_key", None) or key_hint
     if isinstance(exc, ConfigKeyError):
         candidates = _all_keys() + [f.name for f in fields(Config)]
         close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
@@ -227,12 +230,13 @@ def _translate(exc: OmegaConfBaseException, source: str) -> ConfigError:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return ConfigError(f"{source}: unknown key '{key}'{hint}{nearby_text}")
     if isinstance(exc, ValidationError):
-        want = getattr(exc, "ref_type", None) or getattr(exc, "object_type", None)
         first = str(exc).splitlines()[0]
         match = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
         if match:
             return ConfigError(f"{source}: {key}={match.group(1)!r} is not a valid {match.group(3).lower()}")
-        return ConfigError(f"{source}: {key}: {first}{f' (expected {want})' if want else ''}")
+        return ConfigError(f"{source}: {key}: {first}")
+    if key in [f.name for f in fields(Config)] and key != "seed":
+        return ConfigError(f"{source}: {key} is a section; set its keys, e.g. {key}.{_section_keys(key)[0]}=...")
     return ConfigError(f"{source}: {key}: {str(exc).splitlines()[0]}")
 
 
@@ -248,8 +252,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
             raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(loaded, type(OmegaConf.create({}))):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        top = yaml.safe_load(path.read_text())
+        if (top is not None and not isinstance(top, dict)) or any(v is None for v in (top or {}).values()):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, run, data, train, ...)")
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
@@ -260,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
-            raise _translate(exc, f"override {item!r}") from None
+            raise _translate(exc, f"override {item!r}", key_hint=item.split("=", 1)[0]) from None
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import hashlib
 import math
+import shutil
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -175,10 +176,14 @@ def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
     from torchvision import datasets  # lazy: only needed here, and slow to import
 
     cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    target = root / cls.__name__  # torchvision's <root>/MNIST/raw
+    existed = target.exists()
     try:
         for split_name in splits:
             cls(str(root), train=split_name == "train", download=True)
     except (OSError, RuntimeError) as exc:  # torchvision wraps URLError etc. in a multi-line RuntimeError
+        if not existed:  # leave no empty folders behind in the user's data.root
+            shutil.rmtree(target, ignore_errors=True)
         raise DataError(
             f"could not download {dataset} into {root}: {_one_line(exc)}; {_how_to_get(dataset, False)}"
         ) from exc

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gan_ddp.config import ConfigError
+
 
 class DistributedSetupError(RuntimeError):
     """The launch does not match what the processes see; the message says how to launch correctly."""
@@ -30,7 +32,8 @@ def choose_precision(
     """
     if requested != "auto":
         if requested == "fp16" and device_type == "cpu":
-            return "fp16", "requested (fp16 on CPU is slow; useful only to exercise the gradient scaler)"
+            # Accelerate applies neither fp16 autocast nor a gradient scaler on CPU: it would silently be fp32.
+            raise ConfigError("train.precision: fp16 needs a GPU; on CPU use bf16 or no (or auto)")
         if requested == "bf16" and device_type == "cuda" and capability and capability < (8, 0):
             return "bf16", f"requested (compute capability {capability[0]}.{capability[1]} has no native bf16)"
         return requested, "requested"
@@ -120,14 +123,16 @@ class ConsistencyError(RuntimeError):
     pass
 
 
-def check_consistency(accelerator, models: dict[str, nn.Module], step: int) -> None:
-    """All ranks: gather weight checksums and fail, naming the first tensor that differs from rank 0."""
+def check_consistency(accelerator, models: dict[str, nn.Module], step: int, buffers: bool = True) -> int:
+    """All ranks: gather weight checksums and fail, naming the first tensor that differs from rank 0.
+    Buffers (BatchNorm statistics) are compared only when asked: ranks keep their own between the
+    points where `average_buffers` syncs them. Returns the number of tensors compared (0 with one process)."""
     if accelerator.num_processes == 1:
-        return
+        return 0
     named = [
         (f"{prefix}.{name}", t)
         for prefix, model in models.items()
-        for name, t in list(model.named_parameters()) + list(model.named_buffers())
+        for name, t in list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     ]
     names, digest = weights_digest(named)
     everyone = accelerator.gather(digest.unsqueeze(0))  # (world, n_tensors, 2)
@@ -137,3 +142,4 @@ def check_consistency(accelerator, models: dict[str, nn.Module], step: int) -> N
         raise ConsistencyError(
             f"DDP consistency check failed at step {step}: {names[index]} differs between rank 0 and rank {rank}"
         )
+    return len(names)

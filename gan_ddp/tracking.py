@@ -191,8 +191,8 @@ class Tracker:
             reinit="finish_previous",  # default would hand back a still-open earlier run of this process
         )
         # WandBTracker(run_name=...) is the *project*; everything else is passed to wandb.init. It is lazy:
-        # wandb.init runs in start(). main_process_only is False on this class, so it never touches the
-        # Accelerate state itself; rank selection is `enabled`.
+        # wandb.init runs in start(). main_process_only is False on this class, so it does no rank check of
+        # its own (rank selection is `enabled`); its accelerate.logging calls need the state checked above.
         tracker = WandBTracker(
             project,
             entity=entity,

@@ -37,6 +37,7 @@ from gan_ddp.distributed import (
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.models import build_models, count_parameters, model_signature
+from gan_ddp.tracking import Tracker
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again (launch/slurm.sbatch requeues)
@@ -64,6 +65,21 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.length, generator=g)[: len(self)].tolist())
+
+
+def make_train_loader(dataset, global_batch: int, local_batch: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """The per-process loader before `accelerator.prepare` shards it (batches of global_batch / world)."""
+    return DataLoader(
+        dataset,
+        batch_size=local_batch,
+        sampler=EpochSampler(len(dataset), global_batch, seed),
+        drop_last=True,
+        collate_fn=collate_batch,
+        num_workers=num_workers,
+        # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout)
+        # alone, so a resume that starts mid-epoch draws the same dropout masks as an unbroken run.
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @dataclass
@@ -94,7 +110,8 @@ def load_generator_from_run(run_dir: Path, checkpoint: Path | None = None, use_e
     generator, _ = build_models(cfg.model)
     ema = ckpt.load_ema(checkpoint) if use_ema else None
     if ema is not None:
-        generator.load_state_dict({k[len("shadow.") :]: v for k, v in ema.items() if k.startswith("shadow.")})
+        prefix = "ema.shadow."
+        generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
     else:
         generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return generator.eval(), cfg, checkpoint
@@ -145,18 +162,7 @@ class Trainer:
         dataset = ImageTensorDataset(images, labels)
         if self.device.type == "cuda":
             dataset = dataset.to(self.device)  # resident on the GPU: no host-to-device copy per step
-        self.sampler = EpochSampler(len(dataset), B, cfg.seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.local_batch,
-            sampler=self.sampler,
-            drop_last=True,
-            collate_fn=collate_batch,
-            num_workers=cfg.data.num_workers,
-            # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout)
-            # alone, so a resume that starts mid-epoch draws the same dropout masks as an unbroken run.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        loader = make_train_loader(dataset, B, self.local_batch, cfg.seed, cfg.data.num_workers)
         self.num_images = len(dataset)
 
         # Models: identical initialisation on every rank (DDP would broadcast rank 0's anyway), then
@@ -199,6 +205,8 @@ class Trainer:
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
         self.stop = StopRequest()
+        self.consistency_checks = 0
+        self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
 
     # ------------------------------------------------------------------ the GAN step
@@ -285,6 +293,7 @@ class Trainer:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")  # closed (flushed) per line: a crash loses nothing logged
+            self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
 
     def _rewind_metrics(self, step: int) -> None:
         """After a resume from `step`, drop lines the interrupted run wrote past it (main process)."""
@@ -320,6 +329,7 @@ class Trainer:
             path = self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png"
             nrow = int(math.sqrt(self.cfg.log.n_samples)) or 1
             save_image(self.sample_images(self.fixed_noise), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+            self.tracker.log_image("samples/grid", path, self.step, caption=f"step {self.step}")
 
     def _state(self, window_sums: list[float]) -> dict[str, Any]:
         return {
@@ -336,11 +346,14 @@ class Trainer:
             "skipped": self.skipped,
         }
 
+    def check_consistency(self, buffers: bool) -> int:
+        return check_consistency(self.accelerator, {"G": self.G_raw, "D": self.D_raw}, self.step, buffers)
+
     def save_checkpoint(self) -> Path:
         """Collective. Ranks' BN statistics are averaged first so the checkpoint (rank 0's) speaks for all."""
         t0 = time.monotonic()
         average_buffers(self.accelerator, [self.G_raw, self.D_raw])
-        check_consistency(self.accelerator, {"G": self.G_raw, "D": self.D_raw}, self.step)
+        self.consistency_checks += bool(self.check_consistency(buffers=True))  # just averaged
         # The open metrics window spans the checkpoint: keep its global sums so a resume logs the same line.
         sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
         extra = {f"ema.{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else None
@@ -425,23 +438,46 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch, G {self.n_params[0]:,} / D {self.n_params[1]:,} parameters"
         )
         if self.step >= self.total_steps:
-            self.console.print(f"nothing to do: step {self.step} already reached {self.total_steps} (train.steps/epochs)")
+            self.console.print(
+                f"nothing to do: step {self.step} already reached {self.total_steps} (train.steps/epochs)"
+            )
             return EXIT_OK
         previous = {s: signal.signal(s, self.stop.handler) for s in STOP_SIGNALS}
         started = self.created
         exit_code, reason = EXIT_OK, "done"
+        log = cfg.log
+        self.tracker = Tracker(
+            mode=log.wandb,
+            project=log.project,
+            entity=log.entity,
+            name=log.name,
+            group=log.group,
+            tags=list(log.tags),
+            run_dir=self.run_dir,
+            config={**cfg.to_dict(), "resolved": self.run_facts()},
+            enabled=self.is_main,
+            warn=self.console.print,
+        )
         self.console.start(self.total_steps, self.step)
+        exit_code = 1  # what W&B records if the loop raises
         try:
             exit_code, reason = self._loop(started)
+            if self.world > 1:
+                self.console.print(
+                    f"DDP consistency check passed {self.consistency_checks} time(s): "
+                    f"G and D identical on {self.world} ranks"
+                )
+            if self.is_main:
+                if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
+                    (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
+                self._finish_artifacts()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
             self.console.stop()
-        if self.is_main:
-            if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
-                (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
-            self._finish_artifacts()
+            self.tracker.finish(exit_code)  # also on errors and signals: an unfinished W&B run can hang exit
         self.console.summary(self._summary(reason, time.monotonic() - started))
+        self.accelerator.end_training()  # finishes trackers, destroys the process group
         return exit_code
 
     def _loop(self, started: float) -> tuple[int, str]:
@@ -469,12 +505,14 @@ class Trainer:
                     self.console.log(metrics, self.total_steps)
                     self.last_metrics = metrics
                     if cfg.train.check_consistency:
-                        check_consistency(acc, {"G": self.G_raw, "D": self.D_raw}, self.step)
+                        self.consistency_checks += bool(self.check_consistency(buffers=False))
+                paused = time.monotonic()
                 if self.step % cfg.log.sample_every == 0:
                     self._save_grid()
                 if self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
+                window_start += time.monotonic() - paused  # img_per_s measures training, not grids and saves
                 step_seconds = time.monotonic() - t0
                 if self.world == 1 or self.step % STOP_CHECK_EVERY == 0:
                     why = self._should_stop(started, step_seconds)
@@ -507,8 +545,11 @@ class Trainer:
         try:
             from gan_ddp import viz
 
-            viz.plot_metrics(self.run_dir)
-            viz.make_animation(self.run_dir)
+            plots = viz.plot_metrics(self.run_dir)
+            gif = viz.make_animation(self.run_dir)
+            for path in plots:
+                self.tracker.log_image(f"plots/{path.stem}", path, self.step)
+            self.tracker.log_video("samples/progress", gif, self.step)
         except Exception as exc:  # a plotting problem must not turn a finished training into a failure
             self.console.print(f"warning: plots/animation not written: {type(exc).__name__}: {exc}")
 

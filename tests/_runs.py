@@ -29,6 +29,8 @@ def train_cmd(run_dir: Path, *overrides: str, config: Path = SMOKE) -> list[str]
         "--config",
         str(config),
         f"data.root={MNIST}",
+        "data.split=test",
+        "data.download=false",
         f"run.dir={run_dir}",
         "log.wandb=disabled",
         *overrides,
@@ -54,7 +56,8 @@ def single(args: list[str], env: dict[str, str] | None = None, timeout: int = 30
 
 def torchrun_cmd(nproc: int, args: list[str], extra: tuple[str, ...] = ()) -> list[str]:
     launcher = extra or ("--standalone",)
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc), "-m", "gan_ddp", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc)]
+    return [*cmd, "-m", "gan_ddp", *args]
 
 
 def torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: int = 300):
@@ -103,3 +106,19 @@ LOSS_KEYS = ("loss/d", "loss/g", "score/real", "score/fake")
 
 def losses_by_step(run_dir: Path, after: int = 0) -> dict[int, tuple]:
     return {m["step"]: tuple(m[k] for k in LOSS_KEYS) for m in metric_lines(run_dir) if m["step"] > after}
+
+
+def train_inproc(run_dir: Path, *overrides: str, config: Path = SMOKE) -> int:
+    """Train in this process (no interpreter start-up): for single-process tests. Accelerate keeps its
+    process state in singletons; reset them so each training builds its Accelerator afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_ddp.config import load_config
+    from gan_ddp.trainer import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    cfg = load_config(
+        config, [f"data.root={MNIST}", "data.split=test", f"run.dir={run_dir}", "log.wandb=disabled", *overrides]
+    )
+    return Trainer(cfg).train()

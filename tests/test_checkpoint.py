@@ -21,6 +21,7 @@ from _runs import (
     newest_checkpoint,
     single,
     train_cmd,
+    train_inproc,
 )
 
 from gan_ddp import checkpoint as ckpt
@@ -36,14 +37,16 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_resume_is_exact_mid_epoch(tmp_path):
+def test_resume_is_exact_mid_epoch(tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    ok(single(train_cmd(straight, *EXACT, "train.steps=14")))
-    ok(single(train_cmd(split, *EXACT, "train.steps=7")))  # stops at epoch 1, batch 2 of 5
+    assert train_inproc(straight, *EXACT, "train.steps=14") == 0
+    assert train_inproc(split, *EXACT, "train.steps=7") == 0  # stops at epoch 1, batch 2 of 5
     state = json.loads((newest_checkpoint(split) / ckpt.STATE).read_text())
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (7, 1, 2)
-    out = ok(single(train_cmd(split, *EXACT, "train.steps=14")))
-    assert "resumed from" in out.stdout and "step 7" in out.stdout
+    capsys.readouterr()
+    assert train_inproc(split, *EXACT, "train.steps=14") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step 7" in out
 
     assert_same_tensors(checkpoint_tensors(newest_checkpoint(straight)), checkpoint_tensors(newest_checkpoint(split)))
     assert losses_by_step(straight, after=7) == losses_by_step(split, after=7)
@@ -54,7 +57,7 @@ def test_resume_is_exact_mid_epoch(tmp_path):
     assert {"step_00000004.png", "step_00000008.png", "step_00000012.png"} <= grids
 
 
-def test_kill_during_save_resumes_from_previous_complete(tmp_path):
+def test_kill_during_save_resumes_from_previous_complete(tmp_path, capsys):
     run = tmp_path / "run"
     overrides = (*EXACT, "checkpoint.every=4", "train.steps=12")
     crashed = single(train_cmd(run, *overrides), env=base_env(**{ckpt.CRASH_ENV: "8"}))
@@ -62,17 +65,19 @@ def test_kill_during_save_resumes_from_previous_complete(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000004"]
     assert list((run / "checkpoints").glob(".tmp-*")), "the killed save left its temporary directory"
 
-    out = ok(single(train_cmd(run, *overrides)))
-    assert "resumed from" in out.stdout and "step_00000004" in out.stdout
+    capsys.readouterr()
+    assert train_inproc(run, *overrides) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000004" in out
     assert not list((run / "checkpoints").glob(".tmp-*"))
     straight = tmp_path / "straight"
-    ok(single(train_cmd(straight, *overrides)))
+    assert train_inproc(straight, *overrides) == 0
     assert_same_tensors(checkpoint_tensors(newest_checkpoint(straight)), checkpoint_tensors(newest_checkpoint(run)))
 
 
-def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path):
+def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path, capsys):
     run = tmp_path / "run"
-    ok(single(train_cmd(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=20")))
+    assert train_inproc(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=20") == 0
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000015", "step_00000020"]
 
     newest = run / "checkpoints" / "step_00000020"
@@ -83,8 +88,10 @@ def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="checksum"):
         ckpt.verify(newest)
 
-    out = ok(single(train_cmd(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=22")))
-    assert "skipping checkpoint" in out.stdout and "step_00000015" in out.stdout
+    capsys.readouterr()
+    assert train_inproc(run, "checkpoint.every=5", "checkpoint.keep=2", "train.steps=22") == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step_00000015" in out
 
     weights.write_bytes(bytes(data))  # the fallback run rewrote step 20: corrupt it again
     explicit = single(train_cmd(tmp_path / "other", f"train.resume={newest}", "train.steps=25"))
@@ -96,19 +103,19 @@ def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path):
     assert "model.g_hidden" in foreign.stderr and "Traceback" not in foreign.stderr
 
 
-def test_max_seconds_checkpoints_and_exits_zero(tmp_path):
+def test_max_seconds_checkpoints_and_exits_zero(tmp_path, capsys):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    out = ok(single(train_cmd(run, "train.steps=1000000", "train.max_seconds=6", "checkpoint.every=100000")))
+    assert train_inproc(run, "train.steps=1000000", "train.max_seconds=4", "checkpoint.every=100000") == 0
     assert time.monotonic() - t0 < 60
-    assert "max_seconds reached" in out.stdout
+    assert "max_seconds reached" in capsys.readouterr().out
     state = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())
     assert 0 < state["step"] < 1_000_000
     assert not (run / "PREEMPTED").exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_checkpoints_and_exits_75(tmp_path, signum):
+def test_signal_checkpoints_and_exits_75(tmp_path, signum, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gan_ddp", *train_cmd(run, "train.steps=1000000", "log.every=1")],
@@ -128,5 +135,6 @@ def test_signal_checkpoints_and_exits_75(tmp_path, signum):
     step = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
     assert step > 0
     # Rerunning the same command resumes from there and removes the marker.
-    out = ok(single(train_cmd(run, f"train.steps={step + 3}")))
-    assert f"step {step})" in out.stdout and not (run / "PREEMPTED").exists()
+    capsys.readouterr()
+    assert train_inproc(run, f"train.steps={step + 3}") == 0
+    assert f"step {step})" in capsys.readouterr().out and not (run / "PREEMPTED").exists()

@@ -292,27 +292,23 @@ def test_an_empty_file_is_all_defaults(tmp_path: Path) -> None:
 # that ask for the marker to go.
 
 
-@pytest.mark.xfail(strict=True, reason="bare `no` is YAML 1.1 false: train.precision=no becomes 'False'")
 def test_unquoted_precision_no_is_accepted(tmp_path: Path) -> None:
     # launch/gpu_local.sh passes PRECISION=no as the bare override train.precision=no.
     assert load_config(None, ["train.precision=no"]).train.precision == "no"
     assert load_config(write(tmp_path, "train:\n  precision: no\n")).train.precision == "no"
 
 
-@pytest.mark.xfail(strict=True, reason="a scalar for a whole section is reported with key '?'")
 def test_scalar_for_a_section_names_the_section() -> None:
     message = config_error(None, ["train=5"])
     # Every other error reads "<source>: <key>...": here the key is the section itself.
     assert message.removeprefix("override 'train=5': ").startswith("train")
 
 
-@pytest.mark.xfail(strict=True, reason="'expected' names the enclosing dataclass, not the field's type")
 def test_wrong_type_does_not_name_the_section_class() -> None:
     message = config_error(None, ["train.compile=maybe"])
     assert "TrainConfig" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="a top-level scalar is read as an unknown key named after the text")
 def test_yaml_top_level_scalar(tmp_path: Path) -> None:
     path = write(tmp_path, "just some text\n")
     assert "mapping" in config_error(path)

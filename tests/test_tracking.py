@@ -200,9 +200,14 @@ def test_resume_reuses_run_id(offline_run, wandb_env):
     tr.log({"loss/d": 4.5}, step=4)
     tr.finish()
     assert warnings == []
-    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{first_id}"))
-    assert len(runs) == 2  # offline, every resume is a new directory with the same id; `wandb sync` merges
-    assert [r["_step"] for r in _history(runs[-1])] == [4]
+    # Offline, every resume is one more directory for the same id (`wandb sync` appends them to one run):
+    # offline-run-<time>-<id>, or offline-run-<time>-<id>-1 when started within the same second.
+    new = set((run_dir / "wandb").glob("offline-run-*")) - set(offline_run["runs"])
+    assert len(new) == 1
+    (resumed,) = new
+    assert f"-{first_id}" in resumed.name
+    assert _run_record(resumed).run_id == first_id
+    assert [r["_step"] for r in _history(resumed)] == [4]
 
 
 def test_disabled_mode_creates_nothing(tmp_path, wandb_env):

@@ -1,0 +1,201 @@
+"""`gan-ddp bench`: it runs and reports every figure (no timing assertions), and the loops it compares
+compute the same thing where their semantics coincide (lean vs textbook; torch.compile on vs off)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gan_ddp import bench
+from gan_ddp.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+MLP = REPO / "configs" / "mnist_mlp.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_state() -> Iterator[None]:
+    """Trainers built in this process set torch's thread count and Accelerate's process-wide state."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def _cli_has_bench() -> bool:
+    from gan_ddp import cli
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            cli._parser().parse_args(["bench", "--config", str(SMOKE)])
+    except SystemExit:
+        return False
+    return True
+
+
+def _bench_namespace(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_bench_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def _run_bench(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`python -m gan_ddp bench ...` in a subprocess once the CLI knows `bench`; in-process until then."""
+    if _cli_has_bench():
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        result = subprocess.run(
+            [sys.executable, "-m", "gan_ddp", "bench", *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, (
+            f"bench exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+        return result.stdout
+    assert bench.run_bench(_bench_namespace(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_bench_prints_every_figure_and_writes_json(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json = tmp_path / "out" / "bench.json"
+    argv = ["--config", str(SMOKE), "--baseline", "--json", str(out_json), "--warmup", "2", "--iters", "4"]
+    argv += [f"data.root={mnist_root}", "train.threads=1"]
+    stdout = _run_bench(argv, capsys)
+
+    figures = json.loads(out_json.read_text())
+    assert set(bench.KEYS) <= set(figures)
+    for key in bench.KEYS:
+        assert key in stdout, f"{key} not printed"
+    for key in ("img_per_s", "ms_per_iter", "ms_data", "ms_d_step", "ms_g_step", "peak_rss_mb", "ckpt_save_s"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert figures["baseline_img_per_s"] > 0 and figures["speedup"] > 0
+    assert figures["precision"] == "no" and figures["precision_reason"]
+    assert (figures["threads"], figures["world_size"], figures["device"]) == (1, 1, "cpu")
+    # the split is of the iteration: its parts cannot add up to more than the whole
+    parts = figures["ms_data"] + figures["ms_d_step"] + figures["ms_g_step"]
+    assert parts <= figures["ms_per_iter"] * 1.001
+
+
+def test_bench_without_baseline_leaves_its_figures_null(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json = tmp_path / "bench.json"
+    argv = ["--config", str(SMOKE), "--json", str(out_json), "--warmup", "0", "--iters", "2"]
+    assert bench.run_bench(_bench_namespace([*argv, f"data.root={mnist_root}", "train.threads=1"])) == 0
+    figures = json.loads(out_json.read_text())
+    assert figures["baseline_img_per_s"] is None and figures["speedup"] is None
+    # the instrumentation is gone afterwards: the trainer module's normalize is the real one again
+    import gan_ddp.data
+    import gan_ddp.trainer
+
+    assert gan_ddp.trainer.normalize is gan_ddp.data.normalize
+
+
+def test_bench_rejects_bad_counts() -> None:
+    with pytest.raises(ValueError, match="--iters"):
+        bench.run_bench(_bench_namespace(["--config", str(SMOKE), "--iters", "0"]))
+
+
+def test_textbook_dataset_matches_the_lean_normalisation() -> None:
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    dataset = bench.TextbookMNIST(images, torch.arange(5), bench.textbook_transform())
+    textbook = torch.stack([dataset[i][0] for i in range(5)])  # (5, 1, 28, 28)
+    from gan_ddp.data import normalize
+
+    torch.testing.assert_close(textbook, normalize(images.unsqueeze(1)), atol=1e-6, rtol=0)
+
+
+def _trainer(mnist_root: Path, run_dir: Path, *overrides: str, config: Path = SMOKE):
+    from gan_ddp.trainer import Trainer
+
+    cfg = load_config(
+        config,
+        [f"data.root={mnist_root}", "data.split=test", f"run.dir={run_dir}", "log.wandb=disabled", *overrides],
+    )
+    return Trainer(cfg)
+
+
+@pytest.mark.parametrize("reuse_fake", [True, False])
+def test_lean_step_and_textbook_step_agree(mnist_root: Path, tmp_path: Path, reuse_fake: bool) -> None:
+    """Dropout 0, fp32, same weights, same real batch, same noise: BCE-with-logits on D's logits (lean)
+    equals BCELoss on sigmoid outputs (textbook), for the D step and for the G step after it."""
+    trainer = _trainer(
+        mnist_root, tmp_path, "model.dropout=0", "train.precision='no'", f"train.reuse_fake={reuse_fake}"
+    )
+    assert trainer.precision == "no" and trainer.cfg.loss.real_label == 1.0
+    G, D = bench.textbook_models(trainer.cfg.model)
+    G.load_state_dict(trainer.G_raw.state_dict())
+    D[0].load_state_dict(trainer.D_raw.state_dict())
+    opt_g, opt_d = bench.textbook_optimizers(G, D, trainer.cfg.optim)
+
+    trainer.loader.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    transform = bench.textbook_transform()
+    from PIL import Image
+
+    real = torch.stack([transform(Image.fromarray(image.squeeze(0).numpy())) for image in batch[0]])
+    z_d = trainer.noise(1, 0)
+    z_g = z_d if reuse_fake else trainer.noise(1, 1)  # reuse_fake: G is unchanged by the D step
+
+    trainer.train_step(batch, 1)
+    loss_d, loss_g = bench.textbook_step(G, D, opt_g, opt_d, nn.BCELoss(), real, z_d, z_g)
+
+    lean_d, lean_g = float(trainer.window[0]), float(trainer.window[3])
+    assert lean_d == pytest.approx(float(loss_d), abs=1e-5)
+    assert lean_g == pytest.approx(float(loss_g), abs=1e-5)
+    for name, value in trainer.D_raw.state_dict().items():
+        torch.testing.assert_close(D[0].state_dict()[name], value, atol=1e-5, rtol=0, msg=f"D.{name}")
+    for name, value in trainer.G_raw.state_dict().items():
+        torch.testing.assert_close(G.state_dict()[name], value, atol=1e-5, rtol=0, msg=f"G.{name}")
+
+
+def _one_step(mnist_root: Path, run_dir: Path, compile_: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+    trainer = _trainer(
+        mnist_root,
+        run_dir,
+        f"train.compile={compile_}",
+        "train.precision='no'",
+        "model.dropout=0",
+        "train.batch_size=32",
+        "model.g_hidden=[64,128]",
+        "model.d_hidden=[128,64]",
+        config=MLP,
+    )
+    trainer.loader.set_epoch(0)
+    trainer.train_step(next(iter(trainer.loader)), 1)
+    weights = {f"G.{k}": v.detach().clone() for k, v in trainer.G_raw.state_dict().items()}
+    weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.D_raw.state_dict().items()}
+    return trainer.window.tolist(), weights
+
+
+@pytest.mark.slow
+def test_compile_on_and_off_agree(mnist_root: Path, tmp_path: Path) -> None:
+    """One real train_step of the MLP from identical weights, with and without torch.compile."""
+    eager_stats, eager = _one_step(mnist_root, tmp_path / "eager", compile_=False)
+    torch._dynamo.reset()
+    compiled_stats, compiled = _one_step(mnist_root, tmp_path / "compiled", compile_=True)
+    torch._dynamo.reset()
+    assert compiled_stats == pytest.approx(eager_stats, abs=1e-4)
+    assert {k.replace("_orig_mod.", "") for k in compiled} == set(eager)
+    for name, value in compiled.items():
+        torch.testing.assert_close(value, eager[name.replace("_orig_mod.", "")], atol=1e-4, rtol=0, msg=name)
