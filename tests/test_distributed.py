@@ -1,0 +1,68 @@
+"""Process and device decisions, tested without GPUs: precision by compute capability (mocked), the
+launch guard, and fp16's skipped-step accounting with a mocked gradient scaler."""
+
+from __future__ import annotations
+
+import pytest
+from _runs import MNIST, SMOKE
+
+from gan_ddp.config import ConfigError, load_config
+from gan_ddp.distributed import DistributedSetupError, check_distributed, choose_precision
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((3, 7), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
+    ids=["K80", "P100", "V100", "T4", "A100", "A10G", "H100"],
+)  # fmt: skip
+def test_auto_precision_by_compute_capability(capability, expected):
+    precision, reason = choose_precision("auto", "cuda", capability=capability)
+    assert precision == expected
+    assert f"{capability[0]}.{capability[1]}" in reason
+
+
+def test_auto_precision_on_cpu_follows_native_bf16():
+    assert choose_precision("auto", "cpu", cpu_has_bf16=True)[0] == "bf16"
+    assert choose_precision("auto", "cpu", cpu_has_bf16=False)[0] == "no"
+
+
+def test_explicit_precision_is_kept_and_explained():
+    assert choose_precision("no", "cuda", capability=(9, 0)) == ("no", "requested")
+    precision, reason = choose_precision("bf16", "cuda", capability=(7, 0))
+    assert precision == "bf16" and "no native bf16" in reason
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a GPU"):
+        choose_precision("fp16", "cpu")
+
+
+def test_guard_fires_only_when_the_launcher_and_accelerate_disagree():
+    check_distributed(1, {})
+    check_distributed(1, {"WORLD_SIZE": "1"})
+    check_distributed(4, {"WORLD_SIZE": "4"})
+    with pytest.raises(DistributedSetupError) as err:
+        check_distributed(1, {"WORLD_SIZE": "2"})
+    message = str(err.value)
+    assert "\n" not in message and "ACCELERATE_USE_CPU=true" in message and "torchrun" in message
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
+def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
+    """fp16 runs only on GPUs; here the optimizers report every step as skipped by the gradient scaler
+    (what an overflow does), and the trainer must count both and put them in the metrics."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_ddp.trainer import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
+    cfg = load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}", "optim.d_steps=2"])
+    trainer = Trainer(cfg)
+    trainer.precision = "fp16"  # what a V100 would run; the counting is the same code
+    for step, batch in zip(range(1, 5), trainer.loader, strict=False):
+        trainer.train_step(batch, step)
+        trainer.window_steps += 1
+    assert trainer.skipped == [4, 2]  # D every step, G every second step (d_steps=2)
+    metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
+    assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"]) == (4, 2)
+    assert "amp/scale" in metrics
