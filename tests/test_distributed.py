@@ -12,7 +12,8 @@ from gan_ddp.distributed import DistributedSetupError, check_distributed, choose
 
 @pytest.mark.parametrize(
     ("capability", "expected"),
-    [((3, 7), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
+    [((3, 7), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+     ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
     ids=["K80", "P100", "V100", "T4", "A100", "A10G", "H100"],
 )  # fmt: skip
 def test_auto_precision_by_compute_capability(capability, expected):
@@ -30,7 +31,7 @@ def test_explicit_precision_is_kept_and_explained():
     assert choose_precision("no", "cuda", capability=(9, 0)) == ("no", "requested")
     precision, reason = choose_precision("bf16", "cuda", capability=(7, 0))
     assert precision == "bf16" and "no native bf16" in reason
-    with pytest.raises(ConfigError, match="train.precision: fp16 needs a GPU"):
+    with pytest.raises(ConfigError, match=r"train\.precision: fp16 needs a GPU"):
         choose_precision("fp16", "cpu")
 
 
