@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--between", type=int, nargs=2, metavar=("A", "B"), help="slerp from seed A to seed B")
     it.add_argument("--seed", type=int, default=0, help="seed of the sweep's base vectors")
     it.add_argument("--no-ema", action="store_true")
+    from gan_ddp.bench import add_bench_parser
+    from gan_ddp.evaluate import add_eval_parsers
+
+    add_eval_parsers(sub)
+    add_bench_parser(sub)
     return p
 
 
@@ -128,12 +133,33 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gan_ddp.evaluate import run_eval
+
+    return run_eval(args)
+
+
+def cmd_train_evaluator(args: argparse.Namespace) -> int:
+    from gan_ddp.evaluate import run_train_evaluator
+
+    return run_train_evaluator(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gan_ddp.bench import run_bench
+
+    return run_bench(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "plot": cmd_plot,
     "animate": cmd_animate,
     "interpolate": cmd_interpolate,
+    "eval": cmd_eval,
+    "train-evaluator": cmd_train_evaluator,
+    "bench": cmd_bench,
 }
 
 

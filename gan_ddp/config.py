@@ -171,6 +171,20 @@ class EMAConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int | None = None  # steps between FID/coverage evaluations during training; null: never
+    n: int = 10000  # generated samples per evaluation
+    seed: int = 0  # noise seed: every evaluation scores the same latent vectors
+    batch: int = 500  # samples per generator forward
+    cache_dir: str | None = None  # evaluator cache; null: $GAN_DDP_CACHE or ~/.cache/gan-ddp
+
+    def __post_init__(self) -> None:
+        _positive("eval.every", self.every, allow_none=True)
+        _positive("eval.n", self.n)
+        _positive("eval.batch", self.batch)
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
 
@@ -187,6 +201,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.loss.kind == "wgan-gp" and self.model.arch == "dcgan" and self.model.d_batchnorm:

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -309,7 +310,8 @@ def load_or_train_evaluator(
         return load_evaluator(path, device)
     if log:
         log(
-            f"training the {dataset} evaluator on {split} (once per dataset, ~1-2 min on 2 CPU cores), cached at {path}"
+            f"training the {dataset} evaluator on its {split} split, once per dataset "
+            f"(~1-2 min on 2 CPU cores, seconds on a GPU); it will be cached at {path}"
         )
     model, info = train_evaluator(dataset, root, split, seed=seed, epochs=epochs, device=device)
     save_evaluator(model, info, path)
@@ -326,7 +328,7 @@ def _as_model_input(images: Tensor | np.ndarray, device: torch.device | str) -> 
     """uint8 [0, 255] or float [-1, 1] images, (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1) -> (N, 1, 28, 28)."""
     x = torch.as_tensor(images)
     if x.dim() == 4 and x.shape[-1] == 1 and x.shape[1] != 1:
-        x = x.permute(0, 3, 1, 2)  # NHWC (the sample .npz format) -> NCHW
+        x = x.permute(0, 3, 1, 2).contiguous()  # NHWC (the sample .npz format) -> NCHW, same memory layout
     elif x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
@@ -462,7 +464,9 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """
     import scipy.linalg
 
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # Singular covariances are the norm here (dead ReLU units); the result is checked below.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     covmean = np.asarray(covmean)
     trace = np.trace(covmean)
@@ -491,7 +495,7 @@ def compute_metrics(
     return {
         "eval/fid": frechet_distance(mu, sigma, real_mu, real_sigma),
         "eval/coverage": int((share >= COVERAGE_MIN_SHARE).sum()),
-        "eval/class_entropy": float(-(nonzero * nonzero.log()).sum()),
+        "eval/class_entropy": float(-(nonzero * nonzero.log()).sum()) + 0.0,  # + 0.0: no -0.0 for one class
         "eval/confidence": float(probs.max(1).values.mean()),
         "eval/n": n,
     }
@@ -631,10 +635,12 @@ def add_eval_parsers(sub: Any) -> None:
     """Add the ``eval`` and ``train-evaluator`` subcommands to an argparse subparsers object."""
     e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
     what = e.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", type=Path, help="run directory: generate --n samples from its checkpoint")
+    # The long aliases are for `torchrun ... -m gan_ddp eval`: torchrun's argparse reads abbreviations even
+    # after the script name, and rejects --run (--run-path) and --n (--nnodes, ...) as ambiguous.
+    what.add_argument("--run", "--run-dir", type=Path, help="run directory: generate --n samples from its checkpoint")
     what.add_argument("--samples", type=Path, help=".npz from `gan-ddp sample` (arr_0: uint8 N x 28 x 28 x 1)")
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
-    e.add_argument("--n", type=int, default=10000, help="samples to generate (with --run)")
+    e.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples to generate (with --run)")
     e.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
     e.add_argument("--seed", type=int, default=0, help="noise seed (with --run)")
     e.add_argument("--batch", type=int, default=500, help="samples per generator forward")
@@ -667,7 +673,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     Console(highlight=False).print(table)
 
 
-def _format(key: str, value: float | int) -> str:
+def _format(value: float | int) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
@@ -698,12 +704,13 @@ def run_eval(args: Any) -> int:
         source = f"{checkpoint} ({'raw G' if args.no_ema else 'EMA G if saved'}, seed {args.seed})"
         is_main = accelerator.is_main_process
     if is_main:
-        rows = [(k.split("/")[1], _format(k, metrics[k])) for k in METRIC_KEYS]
+        rows = [(k.split("/")[1], _format(metrics[k])) for k in METRIC_KEYS]
         rows += [
+            ("samples", source),
             ("real data", f"{dataset}/{split} ({stats.n} images)"),
             ("evaluator held-out acc.", f"{info.heldout_accuracy:.2%}"),
         ]
-        _print_table(f"eval: {source}", rows)
+        _print_table("eval", rows)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({**metrics, "source": source}, indent=2) + "\n")

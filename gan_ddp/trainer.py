@@ -187,6 +187,14 @@ class Trainer:
         self.D_raw = acc.unwrap_model(self.D)
         torch.manual_seed(cfg.seed * 7919 + 1 + self.rank)
 
+        self.evaluator = self.real_stats = None
+        if cfg.eval.every:  # all ranks: the main process trains/caches the evaluator first, the others wait
+            from gan_ddp.evaluate import prepare_evaluation
+
+            self.evaluator, self.real_stats = prepare_evaluation(
+                acc, cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.eval.cache_dir
+            )
+
         self.steps_per_epoch = len(self.loader)
         by_epochs = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.steps, by_epochs) if cfg.train.steps else by_epochs
@@ -330,6 +338,25 @@ class Trainer:
             nrow = int(math.sqrt(self.cfg.log.n_samples)) or 1
             save_image(self.sample_images(self.fixed_noise), path, nrow=nrow, normalize=True, value_range=(-1, 1))
             self.tracker.log_image("samples/grid", path, self.step, caption=f"step {self.step}")
+
+    def evaluate(self) -> dict[str, Any]:
+        """Collective: every rank generates its share of eval.n samples; FID, coverage and confidence
+        from the gathered features are logged by the main process."""
+        from gan_ddp.evaluate import score_generator
+
+        e = self.cfg.eval
+        average_buffers(self.accelerator, [self.G_raw] + ([self.ema.shadow] if self.ema else []))
+        G = self.ema.shadow if self.ema is not None else self.G_raw
+        results = score_generator(
+            self.accelerator, G, self.evaluator, self.real_stats, e.n, self.cfg.model.z_dim, e.seed, e.batch
+        )
+        line = {"step": self.step, **results}
+        self._write_metrics(line)
+        self.console.print(
+            f"eval step {self.step}: FID {results['eval/fid']:.2f}  coverage {results['eval/coverage']}/10  "
+            f"confidence {results['eval/confidence']:.3f}"
+        )
+        return line
 
     def _state(self, window_sums: list[float]) -> dict[str, Any]:
         return {
@@ -509,6 +536,8 @@ class Trainer:
                 paused = time.monotonic()
                 if self.step % cfg.log.sample_every == 0:
                     self._save_grid()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate()
                 if self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_saved = self.step
