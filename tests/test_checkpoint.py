@@ -106,7 +106,7 @@ def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path, capsys):
 def test_max_seconds_checkpoints_and_exits_zero(tmp_path, capsys):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    assert train_inproc(run, "train.epochs=1000", "train.max_seconds=4", "checkpoint.every=100000") == 0
+    assert train_inproc(run, "train.epochs=1000", "train.steps=null", "train.max_seconds=4", "checkpoint.every=100000") == 0
     assert time.monotonic() - t0 < 60
     assert "max_seconds reached" in capsys.readouterr().out
     state = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())
@@ -118,7 +118,7 @@ def test_max_seconds_checkpoints_and_exits_zero(tmp_path, capsys):
 def test_signal_checkpoints_and_exits_75(tmp_path, signum, capsys):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gan_ddp", *train_cmd(run, "train.epochs=1000", "log.every=1")],
+        [sys.executable, "-m", "gan_ddp", *train_cmd(run, "train.epochs=1000", "train.steps=null", "log.every=1")],
         cwd=REPO,
         env=base_env(),
         stdout=subprocess.PIPE,
