@@ -139,7 +139,8 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 def _how_to_get(dataset: str, offer_download: bool) -> str:
     site = "MNIST" if dataset == "mnist" else "Fashion-MNIST"
-    advice = f"copy the four IDX files (from the {site} site / any mirror) into data.root"
+    names = ", ".join(f"{stem}[.gz]" for split in ("train", "test") for stem in _STEMS[split])
+    advice = f"copy the IDX files ({names}; from the {site} site or any mirror) into data.root"
     if offer_download:
         advice = f"run with data.download=true on a machine with internet, or {advice}"
     if dataset == "fashion_mnist":

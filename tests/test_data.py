@@ -237,7 +237,7 @@ def test_missing_files_message(tmp_path: Path, dataset: str) -> None:
     make_split(tmp_path / "MNIST/raw", "train", 2)  # only MNIST train, and where Fashion-MNIST never looks
     with pytest.raises(DataError) as excinfo:
         load_arrays(dataset, tmp_path, "test" if dataset == "mnist" else "train", download=False)
-    message = error_text(excinfo, tmp_path, "data.download=true", "copy the four IDX files")
+    message = error_text(excinfo, tmp_path, "data.download=true", "copy the IDX files")
     if dataset == "mnist":
         assert "t10k-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
         assert str(tmp_path / "MNIST/raw") in message
@@ -262,7 +262,7 @@ def test_download_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
     with pytest.raises(DataError) as excinfo:
         load_arrays("mnist", tmp_path, "train", download=True)
-    message = error_text(excinfo, f"could not download mnist into {tmp_path}: Error downloading", "copy the four")
+    message = error_text(excinfo, f"could not download mnist into {tmp_path}: Error downloading", "copy the IDX files")
     assert "data.download=true" not in message
 
     def os_error(root: str, train: bool, download: bool) -> None:
