@@ -164,7 +164,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `key=value` positionals at the first flag; accept them after flags too.
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except Exception as exc:
