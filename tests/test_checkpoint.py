@@ -106,7 +106,8 @@ def test_rotation_corrupt_fallback_explicit_and_mismatch(tmp_path, capsys):
 def test_max_seconds_checkpoints_and_exits_zero(tmp_path, capsys):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    assert train_inproc(run, "train.epochs=1000", "train.steps=null", "train.max_seconds=4", "checkpoint.every=100000") == 0
+    budget = ("train.epochs=1000", "train.steps=null", "train.max_seconds=4", "checkpoint.every=100000")
+    assert train_inproc(run, *budget) == 0
     assert time.monotonic() - t0 < 60
     assert "max_seconds reached" in capsys.readouterr().out
     state = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())
