@@ -486,7 +486,6 @@ class Trainer:
             warn=self.console.print,
         )
         self.console.start(self.total_steps, self.step)
-        exit_code = 1  # what W&B records if the loop raises
         try:
             exit_code, reason = self._loop(started)
             if self.world > 1:
@@ -498,13 +497,18 @@ class Trainer:
                 if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
                 self._finish_artifacts()
+        except BaseException:
+            # W&B and the process group are closed on errors too: an unfinished W&B run can hang the exit.
+            self.console.stop()
+            self.tracker.finish(1)
+            self.accelerator.end_training()
+            raise
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-            self.console.stop()
-            self.tracker.finish(exit_code)  # also on errors and signals: an unfinished W&B run can hang exit
         self.console.summary(self._summary(reason, time.monotonic() - started))
-        self.accelerator.end_training()  # finishes trackers, destroys the process group
+        self.tracker.finish(exit_code)
+        self.accelerator.end_training()  # finishes Accelerate's trackers, destroys the process group
         return exit_code
 
     def _loop(self, started: float) -> tuple[int, str]:
