@@ -199,3 +199,29 @@ def test_compile_on_and_off_agree(mnist_root: Path, tmp_path: Path) -> None:
     assert {k.replace("_orig_mod.", "") for k in compiled} == set(eager)
     for name, value in compiled.items():
         torch.testing.assert_close(value, eager[name.replace("_orig_mod.", "")], atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_bench_under_torchrun_reports_once_for_both_processes(mnist_root: Path, tmp_path: Path) -> None:
+    """Two processes (gloo): one table, printed by the main process, with global figures."""
+    out_json = tmp_path / "bench.json"
+    bench_args = ["--config", str(SMOKE), "--baseline", "--json", str(out_json), "--warmup", "2", "--iters", "4"]
+    bench_args += [f"data.root={mnist_root}", "train.threads=1"]
+    if _cli_has_bench():
+        target = ["-m", "gan_ddp", "bench"]
+    else:  # until the CLI knows `bench`: a two-line script that calls it
+        script = tmp_path / "bench_entry.py"
+        script.write_text(
+            "import sys\nfrom tests.test_bench import _bench_namespace\nfrom gan_ddp.bench import run_bench\n"
+            "sys.exit(run_bench(_bench_namespace(sys.argv[1:])))\n"
+        )
+        target = [str(script)]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
+    result = subprocess.run([*cmd, *bench_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.stdout.count("gan-ddp bench:") == 1  # the table's title: main process only
+    figures = json.loads(out_json.read_text())
+    assert figures["world_size"] == 2 and figures["threads"] == 1
+    assert figures["img_per_s"] > 0 and figures["baseline_img_per_s"] > 0 and figures["peak_rss_mb"] > 0
