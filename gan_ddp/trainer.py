@@ -36,7 +36,7 @@ from gan_ddp.distributed import (
 )
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
-from gan_ddp.models import build_models, count_parameters, model_signature
+from gan_ddp.models import build_models, count_parameters, couples_batch, model_signature
 from gan_ddp.tracking import Tracker
 
 EXIT_OK = 0
@@ -185,6 +185,7 @@ class Trainer:
         self.G, self.D, self.opt_g, self.opt_d, self.loader = acc.prepare(G, D, opt_g, opt_d, loader)
         self.G_raw = acc.unwrap_model(self.G)
         self.D_raw = acc.unwrap_model(self.D)
+        self.joint_d_forward = not couples_batch(self.D_raw)
         torch.manual_seed(cfg.seed * 7919 + 1 + self.rank)
 
         self.evaluator = self.real_stats = None
@@ -227,8 +228,12 @@ class Trainer:
         """One D update on real and fake.detach(); returns (loss, D(x), D(G(z))) as 0-dim device tensors."""
         cfg = self.cfg.loss
         with self.accelerator.autocast():
-            real_logits = self.D(real)
-            fake_logits = self.D(fake.detach())
+            if self.joint_d_forward:  # one forward over [real; fake]: per-sample D, so the same logits
+                logits = self.D(torch.cat([real.to(fake.dtype), fake.detach()]))
+                real_logits, fake_logits = logits[: real.size(0)], logits[real.size(0) :]
+            else:  # BatchNorm: real and fake keep their own batch statistics
+                real_logits = self.D(real)
+                fake_logits = self.D(fake.detach())
             loss = d_loss(cfg.kind, real_logits, fake_logits, cfg.real_label)
         if cfg.kind == "wgan-gp":
             loss = loss + cfg.gp_weight * gradient_penalty(self.D, real, fake.detach())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp.models import build_models, count_parameters, model_signature
+from gan_ddp.models import MaskDropout, build_models, count_parameters, couples_batch, model_signature
 
 
 @dataclass
@@ -123,3 +123,46 @@ def test_model_signature() -> None:
     dc = Cfg(arch="dcgan")
     assert model_signature(dc) != model_signature(dataclasses.replace(dc, d_channels=32))
     assert model_signature(dc) != model_signature(dataclasses.replace(dc, d_batchnorm=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_dropout_matches_dropout_in_distribution(dtype: torch.dtype) -> None:
+    """The CPU mask (rand >= p) keeps each unit with probability 1 - p and rescales by 1 / (1 - p), as
+    nn.Dropout does; dtype is kept, eval mode is the identity."""
+    drop = MaskDropout(0.3).train()
+    x = torch.ones(200, 1000, dtype=dtype)
+    y = drop(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)  # 200k Bernoulli draws: sd 0.001
+    torch.testing.assert_close(y[kept].float(), torch.full((int(kept.sum()),), 1 / 0.7), rtol=1e-2, atol=0)
+    assert y.float().mean().item() == pytest.approx(1.0, abs=0.01)  # expectation preserved
+    assert not torch.equal(drop(x), drop(x))  # fresh mask per call
+    torch.testing.assert_close(drop.eval()(x), x, rtol=0, atol=0)
+
+
+def test_mask_dropout_follows_the_global_rng() -> None:
+    """Resume exactness relies on dropout drawing from the global RNG that checkpoints save."""
+    drop = MaskDropout(0.5).train()
+    x = torch.randn(8, 64)
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), a, rtol=0, atol=0)
+
+
+def test_couples_batch() -> None:
+    """Only discriminators with BatchNorm need separate real and fake forwards."""
+    assert not couples_batch(build_models(Cfg())[1])
+    assert couples_batch(build_models(Cfg(arch="dcgan"))[1])
+    assert not couples_batch(build_models(Cfg(arch="dcgan", d_batchnorm=False))[1])
+
+
+def test_textbook_models_use_torch_dropout() -> None:
+    """The bench baseline is the tutorials' model: torch's own nn.Dropout, not the project's mask."""
+    from gan_ddp.bench import textbook_models
+
+    _, d = textbook_models(Cfg())
+    drops = [m for m in d.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 3 and all(type(m) is nn.Dropout and m.p == 0.3 for m in drops)
+    assert isinstance(d[-1], nn.Sigmoid)
