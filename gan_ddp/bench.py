@@ -275,15 +275,30 @@ class TextbookLoop:
         while True:
             yield from self.loader
 
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration, data loading included; (D loss, G loss)."""
+        real, _ = next(self.batches)
+        b = real.size(0)
+        z_d, z_g = torch.randn(b, self.z_dim), torch.randn(b, self.z_dim)
+        return textbook_step(self.G, self.D, self.opt_g, self.opt_d, self.criterion, real, z_d, z_g)
+
     def run(self, iterations: int) -> float:
         """Seconds for `iterations` iterations, data loading included."""
         t0 = time.perf_counter()
         for _ in range(iterations):
-            real, _ = next(self.batches)
-            b = real.size(0)
-            z_d, z_g = torch.randn(b, self.z_dim), torch.randn(b, self.z_dim)
-            textbook_step(self.G, self.D, self.opt_g, self.opt_d, self.criterion, real, z_d, z_g)
+            self.step()
         return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def samples(self, n: int, seed: int = 0, batch: int = 500) -> Any:
+        """(n, 28, 28, 1) uint8 from G in eval mode, noise from `seed`: the `gan-ddp sample` format."""
+        from gan_ddp.data import to_uint8
+
+        gen = torch.Generator().manual_seed(seed)
+        self.G.eval()
+        chunks = [self.G(torch.randn(min(batch, n - i), self.z_dim, generator=gen)) for i in range(0, n, batch)]
+        self.G.train()
+        return to_uint8(torch.cat(chunks)).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 @contextmanager
@@ -294,6 +309,55 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- the textbook loop, trained
+def add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    t = sub.add_parser(
+        "textbook",
+        help="train the tutorials' loop (bench's --baseline) for a time budget, writing sample files for "
+        "`gan-ddp eval --samples`: the reference for sample quality per unit of time",
+    )
+    t.add_argument("--config", required=True, help="YAML file: model, optimiser, batch and data are taken from it")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.add_argument("--seconds", type=float, required=True, help="training budget, wall seconds (data loading counts)")
+    t.add_argument("--every", type=float, default=60.0, help="write samples every this many training seconds")
+    t.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples per file")
+    t.add_argument("--out", type=Path, required=True, help="folder for tNNNNN.npz files and log.jsonl")
+    return t
+
+
+def run_textbook(args: argparse.Namespace) -> int:
+    """Train `TextbookLoop` until `--seconds` of training time; every `--every` seconds (and at the end) write
+    `--n` samples to `<out>/t<seconds>.npz` and a line to `<out>/log.jsonl`. Writing samples is not timed."""
+    import numpy as np
+
+    from gan_ddp.config import load_config
+    from gan_ddp.data import load_arrays
+
+    for name in ("seconds", "every", "n"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+    cfg = load_config(args.config, args.overrides)
+    images, labels = load_arrays(cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.data.download)
+    loop = TextbookLoop(cfg, images, labels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    trained, mark, step = 0.0, args.every, 0
+    with (args.out / "log.jsonl").open("w") as log:
+        while trained < args.seconds:
+            t0 = time.perf_counter()
+            loss_d, loss_g = loop.step()
+            trained += time.perf_counter() - t0
+            step += 1
+            if trained >= mark or trained >= args.seconds:
+                path = args.out / f"t{round(trained):05d}.npz"
+                np.savez(path, loop.samples(args.n))
+                line = {"time_s": round(trained, 3), "step": step, "loss/d": loss_d.item(), "loss/g": loss_g.item()}
+                log.write(json.dumps({**line, "samples": path.name}) + "\n")
+                log.flush()
+                print(f"{trained:7.1f} s  step {step}  D {line['loss/d']:.3f}  G {line['loss/g']:.3f}  -> {path}")
+                mark += args.every
+    return 0
 
 
 # --------------------------------------------------------------------------- the bench

@@ -50,11 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--between", type=int, nargs=2, metavar=("A", "B"), help="slerp from seed A to seed B")
     it.add_argument("--seed", type=int, default=0, help="seed of the sweep's base vectors")
     it.add_argument("--no-ema", action="store_true")
-    from gan_ddp.bench import add_bench_parser
+    from gan_ddp.bench import add_bench_parser, add_textbook_parser
     from gan_ddp.evaluate import add_eval_parsers
 
     add_eval_parsers(sub)
     add_bench_parser(sub)
+    add_textbook_parser(sub)
     return p
 
 
@@ -151,6 +152,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_textbook(args: argparse.Namespace) -> int:
+    from gan_ddp.bench import run_textbook
+
+    return run_textbook(args)
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -160,6 +167,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "train-evaluator": cmd_train_evaluator,
     "bench": cmd_bench,
+    "textbook": cmd_textbook,
 }
 
 

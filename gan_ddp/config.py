@@ -177,11 +177,13 @@ class EvalConfig:
     seed: int = 0  # noise seed: every evaluation scores the same latent vectors
     batch: int = 500  # samples per generator forward
     cache_dir: str | None = None  # evaluator cache; null: $GAN_DDP_CACHE or ~/.cache/gan-ddp
+    evaluator: str = "cnn"  # feature network: cnn, or mlp (a second, independent classifier)
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_none=True)
         _positive("eval.n", self.n)
         _positive("eval.batch", self.batch)
+        _choice("eval.evaluator", self.evaluator, ("cnn", "mlp"))
 
 
 @dataclass

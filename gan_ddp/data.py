@@ -20,7 +20,7 @@ import math
 import shutil
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO
@@ -28,7 +28,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 DATASETS = ("mnist", "fashion_mnist")
 SPLITS = ("train", "test", "all")
@@ -300,24 +300,35 @@ def data_checksum(images: Tensor, labels: Tensor) -> str:
     return digest.hexdigest()
 
 
-def make_loader(
-    dataset: Dataset[tuple[Tensor, Tensor]],
-    batch_size_per_process: int,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool = True,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader[tuple[Tensor, Tensor]]:
-    """A plain DataLoader (RandomSampler/SequentialSampler) so that Accelerate can shard it."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+class EpochSampler(Sampler[int]):
+    """A permutation of the dataset drawn from (seed, epoch), identical on every rank, truncated to a
+    whole number of global batches. Accelerate shards it into per-process batches: rank r of N gets
+    batches r, r+N, ... so global step k always covers permutation[k*B:(k+1)*B], whatever N is."""
+
+    def __init__(self, length: int, global_batch: int, seed: int) -> None:
+        self.length, self.global_batch, self.seed, self.epoch = length, global_batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length // self.global_batch * self.global_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=g)[: len(self)].tolist())
+
+
+def make_train_loader(dataset, global_batch: int, local_batch: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """The per-process loader before `accelerator.prepare` shards it (batches of global_batch / world)."""
     return DataLoader(
         dataset,
-        batch_size=batch_size_per_process,
-        shuffle=shuffle,
-        generator=generator,
-        drop_last=drop_last,
-        num_workers=num_workers,
+        batch_size=local_batch,
+        sampler=EpochSampler(len(dataset), global_batch, seed),
+        drop_last=True,
         collate_fn=collate_batch,
-        pin_memory=pin_memory,
+        num_workers=num_workers,
+        # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout)
+        # alone, so a resume that starts mid-epoch draws the same dropout masks as an unbroken run.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -42,9 +42,12 @@ from torch import Tensor, nn
 
 from gan_ddp.data import DataError, data_checksum, find_split_files, load_arrays, normalize
 
-ARCH = "mnist-cnn-c32-c64-c128-f128-v1"  # bump when the network or its training recipe changes
+# Evaluator kinds and their architecture tags (bump a tag when its network or training recipe changes).
+# "cnn" is the default; "mlp" shares no layer type with it, for a second, independent opinion.
+EVALUATOR_ARCHS = {"cnn": "mnist-cnn-c32-c64-c128-f128-v1", "mlp": "mnist-mlp-h512-f256-v1"}
+ARCH = EVALUATOR_ARCHS["cnn"]
 N_CLASSES = 10
-FEATURE_DIM = 128
+FEATURE_DIM = 128  # of the cnn evaluator; `MnistEvaluator.feature_dim` in general
 COVERAGE_MIN_SHARE = 0.02  # a class counts as covered when it gets at least 2% of the samples
 DEFAULT_EPOCHS = 8
 HELDOUT_FRACTION = 0.1
@@ -53,34 +56,49 @@ METRIC_KEYS = ("eval/fid", "eval/coverage", "eval/class_entropy", "eval/confiden
 
 # ------------------------------------------------------------------------------ network
 class MnistEvaluator(nn.Module):
-    """conv32-pool-conv64-pool-conv128-pool -> 128-d feature -> 10 logits, for (B, 1, 28, 28) in [-1, 1].
+    """A classifier for (B, 1, 28, 28) images in [-1, 1]; its penultimate activations are the features.
 
-    Pooling after every conv keeps a training epoch on 9,000 images within seconds on two CPU cores.
+    - ``kind="cnn"`` (default): conv32-pool-conv64-pool-conv128-pool -> 128-d feature -> 10 logits.
+      Pooling after every conv keeps a training epoch on 9,000 images within seconds on two CPU cores.
+    - ``kind="mlp"``: 784 -> 512 -> 256-d feature -> 10 logits, no convolution: a second evaluator that
+      shares neither architecture nor weights with the first, to check that a ranking is not an artefact
+      of one feature space.
+
     No BatchNorm: features of one image never depend on the rest of its batch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "cnn") -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 64, 7, 7)
-            nn.Conv2d(64, 128, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, 128, 3, 3)
-            nn.Flatten(),
-            nn.Linear(128 * 3 * 3, FEATURE_DIM),
-            nn.ReLU(),  # the features: penultimate layer, after the ReLU
-        )
+        if kind not in EVALUATOR_ARCHS:
+            raise ValueError(f"unknown evaluator {kind!r}; expected one of {', '.join(EVALUATOR_ARCHS)}")
+        self.kind = kind
+        if kind == "cnn":
+            self.feature_dim = FEATURE_DIM
+            self.body = nn.Sequential(
+                nn.Conv2d(1, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # (B, 32, 14, 14)
+                nn.Conv2d(32, 64, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # (B, 64, 7, 7)
+                nn.Conv2d(64, 128, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),  # (B, 128, 3, 3)
+                nn.Flatten(),
+                nn.Linear(128 * 3 * 3, FEATURE_DIM),
+                nn.ReLU(),  # the features: penultimate layer, after the ReLU
+            )
+        else:
+            self.feature_dim = 256
+            self.body = nn.Sequential(
+                nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Linear(512, self.feature_dim), nn.ReLU()
+            )
         self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(FEATURE_DIM, N_CLASSES)
+        self.head = nn.Linear(self.feature_dim, N_CLASSES)
         self.info: EvaluatorInfo | None = None  # the card, set when trained or loaded
 
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x)  # (B, 128)
+        return self.body(x)  # (B, feature_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.dropout(self.features(x)))  # (B, 10) logits
@@ -124,9 +142,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GAN_DDP_CACHE") or Path.home() / ".cache" / "gan-ddp").expanduser()
 
 
-def evaluator_path(cache_dir: str | Path, dataset: str, checksum: str) -> Path:
-    """``<cache_dir>/evaluator-<dataset>-<checksum[:12]>.safetensors`` (its card: same name, ``.json``)."""
-    return Path(cache_dir) / f"evaluator-{dataset}-{checksum[:12]}.safetensors"
+def _kind_prefix(kind: str) -> str:
+    if kind not in EVALUATOR_ARCHS:
+        raise ValueError(f"unknown evaluator {kind!r}; expected one of {', '.join(EVALUATOR_ARCHS)}")
+    return "" if kind == "cnn" else f"{kind}-"
+
+
+def evaluator_path(cache_dir: str | Path, dataset: str, checksum: str, kind: str = "cnn") -> Path:
+    """``<cache_dir>/evaluator-[<kind>-]<dataset>-<checksum[:12]>.safetensors`` (card: same name, ``.json``)."""
+    return Path(cache_dir) / f"evaluator-{_kind_prefix(kind)}{dataset}-{checksum[:12]}.safetensors"
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -153,7 +177,7 @@ def save_evaluator(model: MnistEvaluator, info: EvaluatorInfo, path: Path) -> No
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"arch": ARCH}))
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"arch": info.arch}))
     _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(info.to_json()))
 
 
@@ -168,9 +192,11 @@ def load_evaluator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         info = EvaluatorInfo(**json.loads(card.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise DataError(f"{card}: not a readable evaluator card ({' '.join(str(exc).split())})") from exc
-    if info.arch != ARCH:
-        raise DataError(f"{card}: evaluator architecture {info.arch!r}, this version uses {ARCH!r}")
-    model = MnistEvaluator()
+    kinds = {arch: kind for kind, arch in EVALUATOR_ARCHS.items()}
+    if info.arch not in kinds:
+        known = ", ".join(repr(a) for a in kinds)
+        raise DataError(f"{card}: evaluator architecture {info.arch!r}, this version knows {known}")
+    model = MnistEvaluator(kinds[info.arch])
     try:
         model.load_state_dict(load_file(str(path)))
     except (OSError, RuntimeError, SafetensorError) as exc:
@@ -236,6 +262,7 @@ def train_evaluator(
     epochs: int = DEFAULT_EPOCHS,
     device: str | torch.device = "cpu",
     max_train: int | None = None,
+    kind: str = "cnn",
 ) -> tuple[MnistEvaluator, EvaluatorInfo]:
     """Train the evaluator on the real images and labels of ``split``; deterministic given ``seed``.
 
@@ -254,7 +281,7 @@ def train_evaluator(
     # All randomness (init, dropout, order, shifts) comes from `seed`; the caller's RNG state is untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = MnistEvaluator().to(device)
+        model = MnistEvaluator(kind).to(device)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps_per_epoch)
@@ -282,6 +309,7 @@ def train_evaluator(
         epochs=epochs,
         train_seconds=round(time.monotonic() - started, 1),
         torch_version=torch.__version__,
+        arch=EVALUATOR_ARCHS[kind],
     )
     model.info = info
     return model.eval(), info
@@ -297,6 +325,7 @@ def load_or_train_evaluator(
     device: str | torch.device = "cpu",
     force: bool = False,
     log: Callable[[str], None] | None = print,
+    kind: str = "cnn",
 ) -> tuple[MnistEvaluator, EvaluatorInfo]:
     """The cached evaluator for this data (keyed by its sha256), trained and cached on first use.
 
@@ -305,15 +334,15 @@ def load_or_train_evaluator(
     """
     images, labels = load_arrays(dataset, root, split, download=False)
     checksum = data_checksum(images, labels)
-    path = evaluator_path(cache_dir or default_cache_dir(), dataset, checksum)
+    path = evaluator_path(cache_dir or default_cache_dir(), dataset, checksum, kind)
     if path.is_file() and path.with_suffix(".json").is_file() and not force:
         return load_evaluator(path, device)
     if log:
         log(
-            f"training the {dataset} evaluator on its {split} split, once per dataset "
+            f"training the {dataset} {kind} evaluator on its {split} split, once per dataset "
             f"(~1-2 min on 2 CPU cores, seconds on a GPU); it will be cached at {path}"
         )
-    model, info = train_evaluator(dataset, root, split, seed=seed, epochs=epochs, device=device)
+    model, info = train_evaluator(dataset, root, split, seed=seed, epochs=epochs, device=device, kind=kind)
     save_evaluator(model, info, path)
     if log:
         log(
@@ -339,7 +368,7 @@ def _as_model_input(images: Tensor | np.ndarray, device: torch.device | str) -> 
 
 @torch.no_grad()
 def extract_features(evaluator: MnistEvaluator, images: Tensor | np.ndarray, batch: int = 500) -> tuple[Tensor, Tensor]:
-    """(features (N, 128) float32, class probabilities (N, 10)) on CPU, for uint8 or [-1, 1] float images."""
+    """(features (N, F) float32, class probabilities (N, 10)) on CPU, for uint8 or [-1, 1] float images."""
     evaluator.eval()
     device = next(evaluator.parameters()).device
     feats, probs = [], []
@@ -348,7 +377,7 @@ def extract_features(evaluator: MnistEvaluator, images: Tensor | np.ndarray, bat
         feats.append(f.float().cpu())
         probs.append(evaluator.head(f).float().softmax(1).cpu())
     if not feats:
-        return torch.zeros(0, FEATURE_DIM), torch.zeros(0, N_CLASSES)
+        return torch.zeros(0, evaluator.feature_dim), torch.zeros(0, N_CLASSES)
     return torch.cat(feats), torch.cat(probs)
 
 
@@ -360,8 +389,8 @@ def feature_stats(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def real_stats_path(cache_dir: str | Path, dataset: str, checksum: str) -> Path:
-    return Path(cache_dir) / f"realstats-{dataset}-{checksum[:12]}.safetensors"
+def real_stats_path(cache_dir: str | Path, dataset: str, checksum: str, kind: str = "cnn") -> Path:
+    return Path(cache_dir) / f"realstats-{_kind_prefix(kind)}{dataset}-{checksum[:12]}.safetensors"
 
 
 def load_or_compute_real_stats(
@@ -381,7 +410,7 @@ def load_or_compute_real_stats(
 
     images, labels = load_arrays(dataset, root, split, download=False)
     checksum = data_checksum(images, labels)
-    path = real_stats_path(cache_dir or default_cache_dir(), dataset, checksum)
+    path = real_stats_path(cache_dir or default_cache_dir(), dataset, checksum, evaluator.kind)
     evaluator_digest = weights_sha256(evaluator)
     if path.is_file():
         with contextlib.suppress(Exception), safe_open(str(path), framework="pt") as f:
@@ -410,6 +439,7 @@ def prepare_evaluation(
     split: str,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
+    kind: str = "cnn",
 ) -> tuple[MnistEvaluator, RealStats]:
     """All processes: the evaluator (on ``accelerator.device``) and the real statistics.
 
@@ -421,7 +451,7 @@ def prepare_evaluation(
     with accelerator.main_process_first():
         try:
             evaluator, _ = load_or_train_evaluator(
-                dataset, root, split, cache_dir, log=log if accelerator.is_main_process else None
+                dataset, root, split, cache_dir, log=log if accelerator.is_main_process else None, kind=kind
             )
             result = evaluator, load_or_compute_real_stats(evaluator, dataset, root, split, cache_dir)
         except Exception as exc:
@@ -566,7 +596,7 @@ def generate_features(
     seed: int,
     batch: int = 500,
 ) -> tuple[Tensor, Tensor]:
-    """All processes: features (n, 128) and class probabilities (n, 10) of n generated samples, on every rank.
+    """All processes: features (n, F) and class probabilities (n, 10) of n generated samples, on every rank.
 
     Samples are cut into chunks of ``batch`` global indices; chunk c's noise is ``chunk_noise(seed, c)``
     and process r generates chunks r, r + W, r + 2W, ... So the samples (and the numbers) depend on
@@ -584,7 +614,7 @@ def generate_features(
     g_device = next(G.parameters()).device
     n_chunks = math.ceil(n / batch)
     rounds = math.ceil(n_chunks / world)
-    feats = torch.zeros(rounds * batch, FEATURE_DIM, device=device)
+    feats = torch.zeros(rounds * batch, evaluator.feature_dim, device=device)
     probs = torch.zeros(rounds * batch, N_CLASSES, device=device)
     index = torch.full((rounds * batch,), -1, dtype=torch.long, device=device)
     was_training = G.training
@@ -640,15 +670,22 @@ def add_eval_parsers(sub: Any) -> None:
     what.add_argument("--run", "--run-dir", type=Path, help="run directory: generate --n samples from its checkpoint")
     what.add_argument("--samples", type=Path, help=".npz from `gan-ddp sample` (arr_0: uint8 N x 28 x 28 x 1)")
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
+    e.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="with --run: score every complete checkpoint, oldest first, as a table of step, time_s and metrics",
+    )
     e.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples to generate (with --run)")
     e.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
     e.add_argument("--seed", type=int, default=0, help="noise seed (with --run)")
     e.add_argument("--batch", type=int, default=500, help="samples per generator forward")
     _add_data_args(e, "default: the run's data config, or mnist / data / test with --samples")
+    _add_evaluator_arg(e)
     e.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
 
     t = sub.add_parser("train-evaluator", help="train (or load) the cached classifier used by `eval`")
     _add_data_args(t, "default: mnist / data / test")
+    _add_evaluator_arg(t)
     t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="retrain even if a cached evaluator exists")
@@ -659,6 +696,15 @@ def _add_data_args(p: Any, default_note: str) -> None:
     p.add_argument("--root", help="folder with the IDX files")
     p.add_argument("--split", choices=("train", "test", "all"), help="real data the evaluator and FID use")
     p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")
+
+
+def _add_evaluator_arg(p: Any) -> None:
+    p.add_argument(
+        "--evaluator",
+        choices=tuple(EVALUATOR_ARCHS),
+        default="cnn",
+        help="feature network: cnn (default) or mlp, a second classifier sharing nothing with it",
+    )
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -681,9 +727,13 @@ def run_eval(args: Any) -> int:
     """``gan-ddp eval``: works under ``torchrun``/``accelerate launch`` too (generation is split over ranks)."""
     if args.n < 2 or args.batch < 1:
         raise ValueError(f"--n must be >= 2 and --batch >= 1, got {args.n} and {args.batch}")
+    if args.all_checkpoints and (args.run is None or args.checkpoint is not None):
+        raise ValueError("--all-checkpoints goes with --run and without --checkpoint")
+    if args.all_checkpoints:
+        return _eval_all_checkpoints(args)
     if args.samples is not None:
         dataset, root, split = args.dataset or "mnist", args.root or "data", args.split or "test"
-        evaluator, info = load_or_train_evaluator(dataset, root, split, args.cache_dir)
+        evaluator, info = load_or_train_evaluator(dataset, root, split, args.cache_dir, kind=args.evaluator)
         stats = load_or_compute_real_stats(evaluator, dataset, root, split, args.cache_dir)
         metrics = score_npz(args.samples, evaluator, stats)
         source, is_main = str(args.samples), True
@@ -696,7 +746,7 @@ def run_eval(args: Any) -> int:
         root, split = args.root or cfg.data.root, args.split or cfg.data.split
         accelerator = make_accelerator("no")
         check_distributed(accelerator.num_processes)
-        evaluator, stats = prepare_evaluation(accelerator, dataset, root, split, args.cache_dir)
+        evaluator, stats = prepare_evaluation(accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator)
         info = evaluator.info
         metrics = score_generator(
             accelerator, G.to(accelerator.device), evaluator, stats, args.n, cfg.model.z_dim, args.seed, args.batch
@@ -708,12 +758,61 @@ def run_eval(args: Any) -> int:
         rows += [
             ("samples", source),
             ("real data", f"{dataset}/{split} ({stats.n} images)"),
-            ("evaluator held-out acc.", f"{info.heldout_accuracy:.2%}"),
+            ("evaluator", f"{info.arch}, held-out accuracy {info.heldout_accuracy:.2%}"),
         ]
         _print_table("eval", rows)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({**metrics, "source": source}, indent=2) + "\n")
+            args.json.write_text(json.dumps({**metrics, "source": source, "evaluator": info.arch}, indent=2) + "\n")
+    return 0
+
+
+def _eval_all_checkpoints(args: Any) -> int:
+    """``eval --run DIR --all-checkpoints``: the curve of a run, from its kept checkpoints (set
+    ``checkpoint.keep`` high enough when training). ``time_s`` is the run's training time at the checkpoint."""
+    from gan_ddp import checkpoint as ckpt
+    from gan_ddp.distributed import check_distributed, make_accelerator
+    from gan_ddp.trainer import load_generator_from_run
+
+    accelerator = make_accelerator("no")
+    check_distributed(accelerator.num_processes)
+    rows: list[dict[str, Any]] = []
+    evaluator = stats = None
+    for directory in ckpt.list_checkpoints(args.run / "checkpoints"):
+        try:
+            G, cfg, _ = load_generator_from_run(args.run, directory, use_ema=not args.no_ema)
+        except ckpt.CheckpointError as exc:
+            if accelerator.is_main_process:
+                print(f"skipping checkpoint: {exc}")
+            continue
+        if evaluator is None:
+            dataset = args.dataset or cfg.data.dataset
+            root, split = args.root or cfg.data.root, args.split or cfg.data.split
+            evaluator, stats = prepare_evaluation(
+                accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator
+            )
+        metrics = score_generator(
+            accelerator, G.to(accelerator.device), evaluator, stats, args.n, cfg.model.z_dim, args.seed, args.batch
+        )
+        state = ckpt.read_state(directory)
+        rows.append({"step": state["step"], "time_s": state.get("time_s"), "checkpoint": directory.name, **metrics})
+    if not rows:
+        raise ckpt.CheckpointError(f"{args.run}: no complete checkpoint under checkpoints/")
+    if accelerator.is_main_process:
+        from rich.console import Console
+        from rich.table import Table
+
+        assert evaluator is not None and evaluator.info is not None
+        table = Table(title=f"{args.run} ({evaluator.info.arch}, {args.n} samples)", title_justify="left")
+        for column in ("step", "time_s", *(k.split("/")[1] for k in METRIC_KEYS[:-1])):
+            table.add_column(column, justify="right")
+        for row in rows:
+            time_s = "-" if row["time_s"] is None else f"{row['time_s']:.0f}"
+            table.add_row(str(row["step"]), time_s, *(_format(row[k]) for k in METRIC_KEYS[:-1]))
+        Console(highlight=False).print(table)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"evaluator": evaluator.info.arch, "rows": rows}, indent=2) + "\n")
     return 0
 
 
@@ -723,11 +822,12 @@ def run_train_evaluator(args: Any) -> int:
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     _, info = load_or_train_evaluator(
-        dataset, root, split, args.cache_dir, seed=args.seed, epochs=args.epochs, force=args.force
+        dataset, root, split, args.cache_dir, seed=args.seed, epochs=args.epochs, force=args.force, kind=args.evaluator
     )
-    path = evaluator_path(args.cache_dir or default_cache_dir(), dataset, info.data_sha256)
+    path = evaluator_path(args.cache_dir or default_cache_dir(), dataset, info.data_sha256, args.evaluator)
     rows = [
         ("file", str(path)),
+        ("architecture", info.arch),
         ("data", f"{dataset}/{split} sha256 {info.data_sha256[:12]}"),
         ("train / held out", f"{info.n_train} / {info.n_heldout} ({info.heldout})"),
         ("held-out accuracy", f"{info.heldout_accuracy:.2%}"),

@@ -143,22 +143,15 @@ class Tracker:
         self._finished = False
         if not enabled or mode == "disabled":
             return
+        identity = {"entity": entity, "name": name, "group": group, "tags": list(tags) or None, "config": config}
         try:
-            self._start(mode, project, entity, name, group, list(tags), config)
+            self._start(mode, project, identity)
         except Exception as exc:  # any failure: W&B off, training on
             self._fail(exc)
 
     # -- setup ------------------------------------------------------------------------------------------
-    def _start(
-        self,
-        mode: str,
-        project: str,
-        entity: str | None,
-        name: str | None,
-        group: str | None,
-        tags: list[str],
-        config: dict,
-    ) -> None:
+    def _start(self, mode: str, project: str, identity: dict[str, Any]) -> None:
+        """`identity`: entity, name, group, tags and config, passed on to wandb.init."""
         resolved, warning = resolve_mode(mode, os.environ, Path.home(), run_dir=self.run_dir)
         if resolved == "disabled":
             return
@@ -193,13 +186,10 @@ class Tracker:
         # WandBTracker(run_name=...) is the *project*; everything else is passed to wandb.init. It is lazy:
         # wandb.init runs in start(). main_process_only is False on this class, so it does no rank check of
         # its own (rank selection is `enabled`); its accelerate.logging calls need the state checked above.
+        # init's config is applied with allow_val_change, so a resume may change it.
         tracker = WandBTracker(
             project,
-            entity=entity,
-            name=name,
-            group=group,
-            tags=tags or None,
-            config=config,  # init's config is applied with allow_val_change, so a resume may change it
+            **identity,
             dir=str(self.run_dir),  # W&B appends wandb/
             id=run_id,
             resume="allow",

@@ -12,18 +12,16 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 from gan_ddp import checkpoint as ckpt
 from gan_ddp.config import Config, ConfigError, config_from_dict, save_config
 from gan_ddp.console import TrainingConsole
-from gan_ddp.data import ImageTensorDataset, collate_batch, load_arrays, normalize
+from gan_ddp.data import ImageTensorDataset, load_arrays, make_train_loader, normalize
 from gan_ddp.distributed import (
     average_buffers,
     check_consistency,
@@ -46,40 +44,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command aga
 PREEMPTED_MARKER = "PREEMPTED"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation of the dataset drawn from (seed, epoch), identical on every rank, truncated to a
-    whole number of global batches. Accelerate shards it into per-process batches: rank r of N gets
-    batches r, r+N, ... so global step k always covers permutation[k*B:(k+1)*B], whatever N is."""
-
-    def __init__(self, length: int, global_batch: int, seed: int) -> None:
-        self.length, self.global_batch, self.seed, self.epoch = length, global_batch, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length // self.global_batch * self.global_batch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=g)[: len(self)].tolist())
-
-
-def make_train_loader(dataset, global_batch: int, local_batch: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """The per-process loader before `accelerator.prepare` shards it (batches of global_batch / world)."""
-    return DataLoader(
-        dataset,
-        batch_size=local_batch,
-        sampler=EpochSampler(len(dataset), global_batch, seed),
-        drop_last=True,
-        collate_fn=collate_batch,
-        num_workers=num_workers,
-        # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout)
-        # alone, so a resume that starts mid-epoch draws the same dropout masks as an unbroken run.
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 @dataclass
@@ -193,7 +157,7 @@ class Trainer:
             from gan_ddp.evaluate import prepare_evaluation
 
             self.evaluator, self.real_stats = prepare_evaluation(
-                acc, cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.eval.cache_dir
+                acc, cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.eval.cache_dir, kind=cfg.eval.evaluator
             )
 
         self.steps_per_epoch = len(self.loader)
@@ -207,8 +171,11 @@ class Trainer:
             cfg.log.n_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2**20)
         ).to(self.device)
 
-        # Metric sums over the current log window, on the device: [loss_d, real, fake, loss_g, g_updates]
-        self.window = torch.zeros(5, device=self.device, dtype=torch.float64)
+        # Metric sums over the current log window, on the device:
+        # [loss_d, real, fake, loss_g, g_steps, steps], each process adding its terms divided by the world
+        # size: the reduced sums are then per-step global means, and a window saved by N processes and
+        # resumed by M still averages exactly the steps it holds.
+        self.window = torch.zeros(6, device=self.device, dtype=torch.float64)
         self.window_steps = 0
         self.skipped = [0, 0]  # fp16: optimizer steps the gradient scaler skipped (D, G)
         self.step = 0
@@ -217,6 +184,11 @@ class Trainer:
         self.consistency_checks = 0
         self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
+        self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
+
+    def elapsed(self) -> float:
+        """Wall seconds this run has trained, set-up included, summed over resumed sessions (`time_s`)."""
+        return self.time_before + time.monotonic() - self.created
 
     # ------------------------------------------------------------------ the GAN step
     def noise(self, step: int, stream: int) -> torch.Tensor:
@@ -274,17 +246,19 @@ class Trainer:
             stats += [self.g_step(fake), torch.ones((), device=self.device)]
         else:
             stats += [torch.zeros((), device=self.device)] * 2
-        self.window += torch.stack([s.double() for s in stats])  # stays on the device: no sync per step
+        stats.append(torch.ones((), device=self.device))
+        self.window += torch.stack([s.double() for s in stats]) / self.world  # stays on the device: no sync per step
 
     # ------------------------------------------------------------------ bookkeeping
     def _flush_metrics(self, epoch: int, window_seconds: float) -> dict[str, Any]:
         """Collective: mean over processes and over the window; one host sync per log step."""
         sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
-        n = max(self.window_steps, 1) * self.world
+        n = max(sums[5], 1.0)
         g_n = max(sums[4], 1.0)
         metrics = {
             "step": self.step,
             "epoch": epoch,
+            "time_s": round(self.elapsed(), 3),
             "world_size": self.world,
             "img_per_s": self.window_steps * self.cfg.train.batch_size / max(window_seconds, 1e-9),
             "loss/d": sums[0] / n,
@@ -355,7 +329,7 @@ class Trainer:
         results = score_generator(
             self.accelerator, G, self.evaluator, self.real_stats, e.n, self.cfg.model.z_dim, e.seed, e.batch
         )
-        line = {"step": self.step, **results}
+        line = {"step": self.step, "time_s": round(self.elapsed(), 3), **results}
         self._write_metrics(line)
         self.console.print(
             f"eval step {self.step}: FID {results['eval/fid']:.2f}  coverage {results['eval/coverage']}/10  "
@@ -376,6 +350,7 @@ class Trainer:
             "ema": self.ema is not None,
             "window": {"sums": window_sums, "steps": self.window_steps},
             "skipped": self.skipped,
+            "time_s": self.elapsed(),
         }
 
     def check_consistency(self, buffers: bool) -> int:
@@ -424,6 +399,13 @@ class Trainer:
             )
         if state["ema"] != (self.ema is not None):
             raise ckpt.CheckpointError(f"{found}: ema.enabled was {state['ema']} in this checkpoint")
+        if state["world_size"] != self.world:
+            # Accelerate restores random_states_<rank>.pkl where it exists and skips the rest silently.
+            self.console.print(
+                f"note: {found} was saved by {state['world_size']} process(es), resuming with {self.world}: "
+                "weights, optimizers and the data order continue exactly (they depend on the global batch); "
+                "per-process random streams (dropout) do not match an unbroken run"
+            )
         self.accelerator.load_state(str(found))
         if self.ema is not None:
             ema_state = ckpt.load_ema(found)
@@ -432,8 +414,12 @@ class Trainer:
             self.ema.load_state_dict({k[len("ema.") :]: v.to(self.device) for k, v in ema_state.items()})
         self.step = state["step"]
         self.skipped = list(state["skipped"])
+        self.time_before = float(state.get("time_s", 0.0))
         if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
-            self.window = torch.tensor(state["window"]["sums"], device=self.device, dtype=torch.float64)
+            sums = list(state["window"]["sums"])
+            if len(sums) == 5:  # saved before the window held per-step means: plain sums over processes
+                sums = [x / state["world_size"] for x in sums] + [state["window"]["steps"]]
+            self.window = torch.tensor(sums, device=self.device, dtype=torch.float64)
         self.window_steps = state["window"]["steps"]
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")

@@ -53,6 +53,8 @@ def test_resume_is_exact_mid_epoch(tmp_path, capsys):
     steps = [m["step"] for m in metric_lines(split)]
     assert steps == sorted(set(steps)), "duplicate or unordered steps after resume"
     assert set(losses_by_step(straight)) <= set(steps)
+    times = [m["time_s"] for m in metric_lines(split)]  # training seconds continue across the resume
+    assert times == sorted(times) and times[0] > 0
     grids = {p.name for p in (split / "samples").glob("step_*.png")}
     assert {"step_00000004.png", "step_00000008.png", "step_00000012.png"} <= grids
 

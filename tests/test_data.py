@@ -17,7 +17,7 @@ from gan_ddp.data import (
     data_checksum,
     find_split_files,
     load_arrays,
-    make_loader,
+    make_train_loader,
     normalize,
     read_idx,
     to_uint8,
@@ -343,7 +343,9 @@ def test_dataset_to_moves_storage() -> None:
     assert ds.images.device.type == "meta" and ds.labels.device.type == "meta"
 
 
-def test_make_loader_batches_and_seeded_shuffle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_loader_batches_and_epoch_seeded_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole batches through __getitems__, uint8 images; the order is a function of (seed, epoch) only and
+    the incomplete last batch is dropped."""
     ds, _, _ = small_dataset(10)
 
     def no_single_items(self: ImageTensorDataset, index: int) -> None:
@@ -351,19 +353,20 @@ def test_make_loader_batches_and_seeded_shuffle(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(ImageTensorDataset, "__getitem__", no_single_items)
 
-    def order(seed: int, shuffle: bool = True) -> list[int]:
-        batches = list(make_loader(ds, 4, shuffle=shuffle, seed=seed))
-        assert len(batches) == 2  # drop_last
+    def order(seed: int, epoch: int = 0) -> list[int]:
+        loader = make_train_loader(ds, global_batch=4, local_batch=4, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 2 == len(loader)  # 10 images: two whole batches of 4
         for images, labels in batches:
             assert images.shape == (4, 1, 28, 28) and images.dtype == torch.uint8
             assert labels.dtype == torch.int64
             assert torch.equal(images[:, 0, 0, 0].long(), labels)
         return torch.cat([labels for _, labels in batches]).tolist()
 
-    assert order(0, shuffle=False) == list(range(8))
-    assert order(1) == order(1)
+    assert order(1) == order(1) and len(set(order(1))) == 8
+    assert order(1, epoch=1) != order(1, epoch=0)
     assert len({tuple(order(seed)) for seed in range(5)}) > 1
-    assert len(list(make_loader(ds, 4, shuffle=False, seed=0, drop_last=False))) == 3
 
 
 def test_normalize_and_to_uint8() -> None:
@@ -396,5 +399,5 @@ def test_real_mnist_test_split() -> None:
     assert torch.equal(labels.unique(), torch.arange(10))
     assert int(images.max()) == 255 and int(images.min()) == 0
     ds = ImageTensorDataset(images, labels)
-    batch_images, _ = next(iter(make_loader(ds, 64, shuffle=True, seed=0)))
+    batch_images, _ = next(iter(make_train_loader(ds, 64, 64, seed=0)))
     assert normalize(batch_images).shape == (64, 1, 28, 28)

@@ -122,6 +122,43 @@ def test_evaluator_training_is_deterministic() -> None:
     assert info_a.n_train == 512 and info_a.n_heldout == 1000
 
 
+@needs_mnist
+def test_mlp_evaluator_is_a_second_independent_opinion(mnist, halves, cache_dir: Path, tmp_path: Path) -> None:
+    """`--evaluator mlp`: another architecture (no convolution) with its own cache files and card; its
+    feature space also puts real close to real and noise far away."""
+    model, info = ev.load_or_train_evaluator("mnist", REAL_MNIST, "test", cache_dir, log=None, kind="mlp")
+    assert model.kind == "mlp" and model.feature_dim == 256
+    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert info.arch == ev.EVALUATOR_ARCHS["mlp"] != ev.ARCH
+    assert info.heldout_accuracy >= 0.95, info
+    path = ev.evaluator_path(cache_dir, "mnist", info.data_sha256, "mlp")
+    assert path.name.startswith("evaluator-mlp-mnist-") and path.is_file()
+    assert path != ev.evaluator_path(cache_dir, "mnist", info.data_sha256)
+    again, _ = ev.load_evaluator(path)  # the card says which network to build
+    assert again.kind == "mlp" and ev.weights_sha256(again) == ev.weights_sha256(model)
+
+    stats = ev.load_or_compute_real_stats(model, "mnist", REAL_MNIST, "test", cache_dir)
+    assert stats.mu.shape == (256,)
+    assert ev.real_stats_path(cache_dir, "mnist", info.data_sha256, "mlp").is_file()
+    feats, probs = ev.extract_features(model, mnist[0])
+    mu, sigma = ev.feature_stats(feats[halves[0]])
+    real = ev.compute_metrics(feats[halves[1]], probs[halves[1]], mu, sigma)
+    noise = torch.randint(0, 256, (2000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    far = ev.evaluate_samples(model, noise, ev.RealStats(mu=mu, sigma=sigma, n=5000))
+    print(f"mlp evaluator: real vs real {real}, noise {far}")
+    assert real["eval/coverage"] == 10 and far["eval/fid"] > 50 * real["eval/fid"]
+
+
+def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown evaluator .vit.*cnn, mlp"):
+        ev.MnistEvaluator("vit")
+    card = tmp_path / "e.json"
+    info = ev.EvaluatorInfo("mnist", "test", "0" * 64, 1, 1, "x", 0.5, 0, 1, 1.0, "t", arch="mnist-vit-v9")
+    card.write_text(info.to_json())
+    with pytest.raises(DataError, match="mnist-vit-v9"):
+        ev.load_evaluator(card.with_suffix(".safetensors"))
+
+
 # ------------------------------------------------------------------------------ metrics on real data
 @needs_mnist
 def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, stats_a) -> None:
@@ -510,6 +547,7 @@ def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, 
     assert "fid" in printed and "coverage" in printed
     written = json.loads(out.read_text())
     assert written["eval/n"] == 500 and written["eval/coverage"] == 10
+    assert written["evaluator"] == ev.ARCH
 
 
 @needs_mnist
@@ -543,3 +581,25 @@ def test_training_logs_periodic_evaluations(trained, cache_dir: Path, tmp_path: 
     for m in evals:
         assert m["eval/n"] == 600 and np.isfinite(m["eval/fid"]) and m["eval/fid"] >= 0
         assert 0 <= m["eval/coverage"] <= 10 and 0 < m["eval/confidence"] <= 1
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="needs ../shared/data/mnist")
+def test_eval_all_checkpoints_gives_the_curve_of_a_run(trained, cache_dir: Path, tmp_path: Path, capsys) -> None:
+    """`eval --run DIR --all-checkpoints`: one row per kept checkpoint, oldest first, with the run's training
+    time at that checkpoint; the newest row equals a plain `eval --run` of the newest checkpoint."""
+    from _runs import train_inproc
+
+    run = tmp_path / "run"
+    assert train_inproc(run, "train.steps=12", "checkpoint.every=4", "checkpoint.keep=10") == 0
+    common = ["--run", str(run), "--n", "400", "--cache-dir", str(cache_dir)]
+    curve, last = tmp_path / "curve.json", tmp_path / "last.json"
+    assert ev.run_eval(_parse(["eval", *common, "--all-checkpoints", "--json", str(curve)])) == 0
+    assert "time_s" in capsys.readouterr().out
+    rows = json.loads(curve.read_text())["rows"]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    times = [r["time_s"] for r in rows]
+    assert times == sorted(times) and times[0] > 0
+    assert ev.run_eval(_parse(["eval", *common, "--json", str(last)])) == 0
+    assert rows[-1]["eval/fid"] == json.loads(last.read_text())["eval/fid"]
+    with pytest.raises(ValueError, match="--all-checkpoints"):
+        ev.run_eval(_parse(["eval", *common, "--all-checkpoints", "--checkpoint", str(run)]))

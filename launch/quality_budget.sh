@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Sample quality per unit of time: the README's "FID over time" table, reproducible on your machine.
+#
+# Trains each shipped config for the same wall-clock budget, one run at a time (runs must not share the
+# CPU), keeping every checkpoint; trains the tutorials' textbook loop (`gan-ddp textbook`) for the same
+# budget; then scores every checkpoint / sample file with the CNN evaluator and the independent MLP one,
+# and prints one markdown table per evaluator.
+#
+#   launch/quality_budget.sh [OUT_DIR] [SECONDS] [key=value ...]    # overrides go to every run
+#   e.g. launch/quality_budget.sh runs/quality600 600 data.root=../shared/data/mnist data.split=test
+#
+# Runs that finished their budget are kept (a BUDGET_DONE file) and only scored again when re-run;
+# an interrupted one is started afresh, since a budget split over two sessions would not compare.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/quality_budget}
+SECONDS_BUDGET=${2:-600}
+shift $(( $# > 2 ? 2 : $# ))
+OVERRIDES=("$@")
+GAN=${GAN_DDP:-.venv/bin/gan-ddp}
+PY=${PYTHON:-.venv/bin/python}
+EVERY=$(( SECONDS_BUDGET / 10 ))  # ~10 points per curve
+mkdir -p "$OUT"
+
+train() {  # name config checkpoint.every
+    # A finished run is not trained again: max_seconds is per session, a resume would add a second budget.
+    [ -f "$OUT/$1/BUDGET_DONE" ] && return 0
+    rm -rf "${OUT:?}/$1"
+    # epochs very large: the time budget, not the config's epoch count, ends every run.
+    "$GAN" train --config "$2" train.max_seconds="$SECONDS_BUDGET" train.epochs=1000000 \
+        checkpoint.every="$3" checkpoint.keep=1000 log.wandb=disabled run.dir="$OUT/$1" "${OVERRIDES[@]}"
+    touch "$OUT/$1/BUDGET_DONE"
+}
+train mnist_mlp configs/mnist_mlp.yaml 2000
+train mnist_dcgan configs/mnist_dcgan.yaml 250
+train mnist_quality configs/mnist_quality.yaml 1000
+if [ ! -f "$OUT/textbook/BUDGET_DONE" ]; then
+    rm -rf "${OUT:?}/textbook"
+    "$GAN" textbook --config configs/mnist_mlp.yaml --seconds "$SECONDS_BUDGET" --every "$EVERY" \
+        --out "$OUT/textbook" "${OVERRIDES[@]}"
+    touch "$OUT/textbook/BUDGET_DONE"
+fi
+
+for evaluator in cnn mlp; do
+    for name in mnist_mlp mnist_dcgan mnist_quality; do
+        "$GAN" eval --run "$OUT/$name" --all-checkpoints --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
+    done
+    for npz in "$OUT"/textbook/t*.npz; do
+        data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sys.argv[1]).data; print(d.root, d.split)' \
+            "$OUT/mnist_mlp/config.yaml")
+        read -r root split <<<"$data"
+        "$GAN" eval --samples "$npz" --root "$root" --split "$split" --evaluator "$evaluator" \
+            --json "${npz%.npz}.$evaluator.json"
+    done
+done
+"$PY" - "$OUT" "$SECONDS_BUDGET" <<'EOF'
+import json, sys
+out, budget = sys.argv[1], float(sys.argv[2])
+for evaluator in ("cnn", "mlp"):
+    curves = {}
+    for name in ("mnist_mlp", "mnist_dcgan", "mnist_quality"):
+        rows = json.load(open(f"{out}/{name}.{evaluator}.json"))["rows"]
+        curves[name] = [(r["time_s"], r["eval/fid"], r["eval/coverage"]) for r in rows]
+    log = [json.loads(line) for line in open(f"{out}/textbook/log.jsonl")]
+    tb = []
+    for line in log:
+        m = json.load(open(f"{out}/textbook/{line['samples'][:-4]}.{evaluator}.json"))
+        tb.append((line["time_s"], m["eval/fid"], m["eval/coverage"]))
+    curves["textbook loop"] = tb
+    print(f"\n{evaluator} evaluator: FID (classes covered) at training time t")
+    marks = [budget / 10, budget / 5, budget / 2, budget]
+    print("| config | " + " | ".join(f"t ≤ {m:.0f} s" for m in marks) + " |")
+    print("|---|" + "---|" * len(marks))
+    for name, points in curves.items():
+        cells = []
+        for m in marks:
+            before = [p for p in points if p[0] is not None and p[0] <= m + 1]
+            cells.append(f"{before[-1][1]:.1f} ({before[-1][2]})" if before else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+EOF
