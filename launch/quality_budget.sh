@@ -26,9 +26,10 @@ train() {  # name config checkpoint.every
     # A finished run is not trained again: max_seconds is per session, a resume would add a second budget.
     [ -f "$OUT/$1/BUDGET_DONE" ] && return 0
     rm -rf "${OUT:?}/$1"
-    # epochs very large: the time budget, not the config's epoch count, ends every run.
+    # epochs very large: the time budget, not the config's epoch count, ends every run; no evaluation
+    # during training (it would spend the budget): the checkpoints are scored afterwards.
     "$GAN" train --config "$2" train.max_seconds="$SECONDS_BUDGET" train.epochs=1000000 \
-        checkpoint.every="$3" checkpoint.keep=1000 log.wandb=disabled run.dir="$OUT/$1" "${OVERRIDES[@]}"
+        checkpoint.every="$3" checkpoint.keep=1000 eval.every=null log.wandb=disabled run.dir="$OUT/$1" "${OVERRIDES[@]}"
     touch "$OUT/$1/BUDGET_DONE"
 }
 train mnist_mlp configs/mnist_mlp.yaml 2000
