@@ -7,6 +7,8 @@
 # and prints one markdown table per evaluator.
 #
 #   launch/quality_budget.sh [OUT_DIR] [SECONDS] [key=value ...]    # overrides go to every run
+#   environment: N_SAMPLES (per score, default 10000), POINTS (textbook snapshots, default 10),
+#   GAN_DDP (the gan-ddp executable), PYTHON
 #   e.g. launch/quality_budget.sh runs/quality600 600 data.root=../shared/data/mnist data.split=test
 #
 # Runs that finished their budget are kept (a BUDGET_DONE file) and only scored again when re-run;
@@ -19,7 +21,9 @@ shift $(( $# > 2 ? 2 : $# ))
 OVERRIDES=("$@")
 GAN=${GAN_DDP:-.venv/bin/gan-ddp}
 PY=${PYTHON:-.venv/bin/python}
-EVERY=$(( SECONDS_BUDGET / 10 ))  # ~10 points per curve
+N=${N_SAMPLES:-10000}   # samples per score
+POINTS=${POINTS:-10}    # textbook-loop snapshots over the budget
+EVERY=$(( SECONDS_BUDGET / POINTS > 0 ? SECONDS_BUDGET / POINTS : 1 ))
 mkdir -p "$OUT"
 
 train() {  # name config checkpoint.every
@@ -37,20 +41,21 @@ train mnist_dcgan configs/mnist_dcgan.yaml 250
 train mnist_quality configs/mnist_quality.yaml 1000
 if [ ! -f "$OUT/textbook/BUDGET_DONE" ]; then
     rm -rf "${OUT:?}/textbook"
-    "$GAN" textbook --config configs/mnist_mlp.yaml --seconds "$SECONDS_BUDGET" --every "$EVERY" \
+    "$GAN" textbook --config configs/mnist_mlp.yaml --seconds "$SECONDS_BUDGET" --every "$EVERY" --n "$N" \
         --out "$OUT/textbook" "${OVERRIDES[@]}"
     touch "$OUT/textbook/BUDGET_DONE"
 fi
 
+# The textbook samples are scored against the real data the runs used.
+data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sys.argv[1]).data; print(d.dataset, d.root, d.split)' \
+    "$OUT/mnist_mlp/config.yaml")
+read -r dataset root split <<<"$data"
 for evaluator in cnn mlp; do
     for name in mnist_mlp mnist_dcgan mnist_quality; do
-        "$GAN" eval --run "$OUT/$name" --all-checkpoints --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
+        "$GAN" eval --run "$OUT/$name" --all-checkpoints --n "$N" --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
     done
     for npz in "$OUT"/textbook/t*.npz; do
-        data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sys.argv[1]).data; print(d.root, d.split)' \
-            "$OUT/mnist_mlp/config.yaml")
-        read -r root split <<<"$data"
-        "$GAN" eval --samples "$npz" --root "$root" --split "$split" --evaluator "$evaluator" \
+        "$GAN" eval --samples "$npz" --dataset "$dataset" --root "$root" --split "$split" --evaluator "$evaluator" \
             --json "${npz%.npz}.$evaluator.json"
     done
 done

@@ -1,0 +1,61 @@
+"""`launch/quality_budget.sh`, the script behind the README's FID-over-time tables, end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _runs import REPO as REPO_ROOT
+from omegaconf import OmegaConf
+
+import gan_ddp.evaluate as ev
+
+pytestmark = pytest.mark.slow
+
+RUNS = ("mnist_mlp", "mnist_dcgan", "mnist_quality")
+
+
+def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: Path) -> None:
+    out, budget = tmp_path / "q", 6
+    cache = tmp_path / "cache"
+    for kind in ("cnn", "mlp"):  # one-epoch evaluators, cached where the script will look: toy-size scores
+        ev.load_or_train_evaluator("mnist", mnist_root, "test", cache, epochs=1, log=None, kind=kind)
+    gan = Path(sys.executable).with_name("gan-ddp")
+    assert gan.is_file(), f"{gan}: the package's console script is not installed beside this python"
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+        "GAN_DDP": str(gan),
+        "PYTHON": sys.executable,
+        "GAN_DDP_CACHE": str(cache),
+        "N_SAMPLES": "400",
+        "POINTS": "2",
+    }
+    cmd = ["bash", "launch/quality_budget.sh", str(out), str(budget), f"data.root={mnist_root}", "data.split=test"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for name in RUNS:
+        assert (out / name / "BUDGET_DONE").is_file()
+        config = OmegaConf.load(out / name / "config.yaml")
+        assert config.train.max_seconds == budget and config.eval.every is None  # no evaluation spends the budget
+        for evaluator in ("cnn", "mlp"):
+            scored = json.loads((out / f"{name}.{evaluator}.json").read_text())
+            assert scored["rows"], name
+            assert all(r["time_s"] <= budget + 5 for r in scored["rows"])  # the budget ended the run
+    snapshots = sorted((out / "textbook").glob("t*.npz"))
+    assert len(snapshots) == 2 and snapshots[-1].name == "t00006.npz"  # POINTS=2; the last at the budget
+    for p in snapshots:
+        for evaluator in ("cnn", "mlp"):
+            assert json.loads(p.with_suffix(f".{evaluator}.json").read_text())["eval/n"] == 400
+
+    # One table per evaluator, one row per config, the budget column filled: "FID (classes)".
+    for evaluator in ("cnn", "mlp"):
+        table = proc.stdout.split(f"{evaluator} evaluator: FID")[1].split("evaluator: FID")[0]
+        for name in (*RUNS, "textbook loop"):
+            row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+            assert re.search(r"\| \d+\.\d \(\d+\) \|$", row), row
