@@ -181,6 +181,22 @@ def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, r
     assert not np.array_equal(arr, ema_samples)  # another checkpoint, other weights
 
 
+def test_eval_scores_the_file_sample_writes(trained: Run, run_cli, mnist_root: Path, tmp_path: Path) -> None:
+    """`gan-ddp sample --out x.npz` then `gan-ddp eval --samples x.npz`, both through the command line."""
+    from gan_ddp.evaluate import load_or_train_evaluator
+
+    cache = tmp_path / "cache"  # a one-epoch evaluator, so the CLI finds it cached instead of training one
+    load_or_train_evaluator("mnist", mnist_root, "test", cache, epochs=1, log=None)
+    samples, scores = tmp_path / "s.npz", tmp_path / "scores.json"
+    run_cli("sample", "--run", trained.dir, "--n", "300", "--out", samples)
+    data = ["--root", mnist_root, "--split", "test", "--cache-dir", cache]
+    result = run_cli("eval", "--samples", samples, *data, "--json", scores)
+    assert "fid" in result.stdout and "coverage" in result.stdout
+    m = json.loads(scores.read_text())
+    assert m["eval/n"] == 300 and m["source"] == str(samples)
+    assert m["eval/fid"] > 0 and 1 <= m["eval/coverage"] <= 10 and 0 < m["eval/confidence"] <= 1
+
+
 # ------------------------------------------------------------------------------------------- interpolate
 
 
