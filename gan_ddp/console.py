@@ -59,15 +59,17 @@ class TrainingConsole:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, epoch=epoch)
 
-    def log(self, metrics: dict[str, Any], total: int) -> None:
+    def log(self, metrics: dict[str, Any], total: int, budget: float | None = None) -> None:
+        """`budget`: train.max_seconds, shown beside the training time (it, not `total`, ends such runs)."""
         if not self.enabled:
             return
         speed = f"{metrics.get('img_per_s', 0):,.0f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, speed=speed, metrics=format_metrics(metrics))
         else:
+            clock = f"  {metrics['time_s']:.0f}{f'/{budget:.0f}' if budget else ''} s" if "time_s" in metrics else ""
             self.console.print(
-                f"step {metrics['step']}/{total}  epoch {metrics['epoch']}  {speed}  {format_metrics(metrics)}",
+                f"step {metrics['step']}/{total}  epoch {metrics['epoch']}{clock}  {speed}  {format_metrics(metrics)}",
                 markup=False,
             )
 

@@ -524,7 +524,7 @@ class Trainer:
                     metrics = self._flush_metrics(epoch, time.monotonic() - window_start)
                     window_start = time.monotonic()
                     self._write_metrics(metrics)
-                    self.console.log(metrics, self.total_steps)
+                    self.console.log(metrics, self.total_steps, self.cfg.train.max_seconds)
                     self.last_metrics = metrics
                     if cfg.train.check_consistency:
                         self.consistency_checks += bool(self.check_consistency(buffers=False))

@@ -130,6 +130,7 @@ def test_train_plain_output_when_not_a_terminal(trained: Run) -> None:
     for line in step_lines:  # one line each: the metrics did not wrap onto the next line
         for part in ("epoch", "img/s", "D ", "G ", "score/real", "score/fake"):
             assert part in line, f"{part!r} not in {line!r}"
+        assert re.search(r"epoch \d+  \d+ s  ", line), line  # training time, no budget set
 
 
 # ------------------------------------------------------------------------------------------------ sample

@@ -113,3 +113,17 @@ def test_rich_live_view_under_a_terminal(tmp_path):
     screen = b"".join(chunks).decode(errors="replace")
     assert "\x1b[" in screen  # the live view redraws with escape codes
     assert "6/6" in screen and "gan-ddp run" in screen
+
+
+def test_plain_console_line_shows_training_time_and_budget(capsys) -> None:
+    from gan_ddp.console import TrainingConsole
+
+    metrics = {"step": 300, "epoch": 2, "time_s": 61.4, "img_per_s": 1234.0, "loss/d": 1.0, "loss/g": 2.0}
+    TrainingConsole(enabled=True, live=False).log(metrics, 1000, budget=600.0)
+    TrainingConsole(enabled=True, live=False).log(metrics, 1000)
+    TrainingConsole(enabled=False, live=False).log(metrics, 1000, budget=600.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "step 300/1000  epoch 2  61/600 s  1,234 img/s  D 1.000  G 2.000",
+        "step 300/1000  epoch 2  61 s  1,234 img/s  D 1.000  G 2.000",
+    ]
