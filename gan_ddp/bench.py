@@ -289,16 +289,15 @@ class TextbookLoop:
             self.step()
         return time.perf_counter() - t0
 
-    @torch.no_grad()
     def samples(self, n: int, seed: int = 0, batch: int = 500) -> Any:
         """(n, 28, 28, 1) uint8 from G in eval mode, noise from `seed`: the `gan-ddp sample` format."""
-        from gan_ddp.data import to_uint8
+        from gan_ddp.data import to_sample_array
+        from gan_ddp.models import generate
 
-        gen = torch.Generator().manual_seed(seed)
         self.G.eval()
-        chunks = [self.G(torch.randn(min(batch, n - i), self.z_dim, generator=gen)) for i in range(0, n, batch)]
+        images = generate(self.G, n, self.z_dim, seed, batch)
         self.G.train()
-        return to_uint8(torch.cat(chunks)).permute(0, 2, 3, 1).contiguous().numpy()
+        return to_sample_array(images)
 
 
 @contextmanager

@@ -74,10 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from torchvision.utils import save_image
 
-    from gan_ddp.data import to_uint8
+    from gan_ddp.data import to_sample_array
+    from gan_ddp.models import generate
     from gan_ddp.trainer import load_generator_from_run
 
     _positive("--n", args.n)
@@ -85,17 +85,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {args.out}: use a .png (grid) or .npz (array) file name")
     G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
-    gen = torch.Generator().manual_seed(args.seed)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, args.n, args.batch):
-            z = torch.randn(min(args.batch, args.n - start), cfg.model.z_dim, generator=gen)
-            chunks.append(G(z))
-    images = torch.cat(chunks)  # (N, 1, 28, 28) in [-1, 1]
+    images = generate(G, args.n, cfg.model.z_dim, args.seed, args.batch)  # (N, 1, 28, 28) in [-1, 1]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".npz":
-        array = to_uint8(images).permute(0, 2, 3, 1).contiguous().numpy()  # (N, 28, 28, 1) uint8
-        np.savez(args.out, array)
+        np.savez(args.out, to_sample_array(images))
     else:
         save_image(images, args.out, nrow=max(1, int(args.n**0.5)), normalize=True, value_range=(-1, 1))
     print(f"wrote {args.n} samples from {checkpoint} to {args.out}")

@@ -292,6 +292,11 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def to_sample_array(images: Tensor) -> np.ndarray:
+    """Generator outputs (N, 1, 28, 28) in [-1, 1] -> the `sample --out x.npz` array: uint8 (N, 28, 28, 1)."""
+    return to_uint8(images.detach().cpu()).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def data_checksum(images: Tensor, labels: Tensor) -> str:
     """sha256 hex of the raw image bytes (uint8) then label bytes (int64)."""
     digest = hashlib.sha256()

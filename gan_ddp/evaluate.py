@@ -54,6 +54,12 @@ HELDOUT_FRACTION = 0.1
 METRIC_KEYS = ("eval/fid", "eval/coverage", "eval/class_entropy", "eval/confidence", "eval/n")
 
 
+def _check_kind(kind: str) -> str:
+    if kind not in EVALUATOR_ARCHS:
+        raise ValueError(f"unknown evaluator {kind!r}; expected one of {', '.join(EVALUATOR_ARCHS)}")
+    return kind
+
+
 # ------------------------------------------------------------------------------ network
 class MnistEvaluator(nn.Module):
     """A classifier for (B, 1, 28, 28) images in [-1, 1]; its penultimate activations are the features.
@@ -69,9 +75,7 @@ class MnistEvaluator(nn.Module):
 
     def __init__(self, kind: str = "cnn") -> None:
         super().__init__()
-        if kind not in EVALUATOR_ARCHS:
-            raise ValueError(f"unknown evaluator {kind!r}; expected one of {', '.join(EVALUATOR_ARCHS)}")
-        self.kind = kind
+        self.kind = _check_kind(kind)
         if kind == "cnn":
             self.feature_dim = FEATURE_DIM
             self.body = nn.Sequential(
@@ -143,9 +147,7 @@ def default_cache_dir() -> Path:
 
 
 def _kind_prefix(kind: str) -> str:
-    if kind not in EVALUATOR_ARCHS:
-        raise ValueError(f"unknown evaluator {kind!r}; expected one of {', '.join(EVALUATOR_ARCHS)}")
-    return "" if kind == "cnn" else f"{kind}-"
+    return "" if _check_kind(kind) == "cnn" else f"{kind}-"
 
 
 def evaluator_path(cache_dir: str | Path, dataset: str, checksum: str, kind: str = "cnn") -> Path:

@@ -125,6 +125,16 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x).squeeze(1)  # (B,) logits
 
 
+@torch.no_grad()
+def generate(G: nn.Module, n: int, z_dim: int, seed: int, batch: int = 500) -> torch.Tensor:
+    """(n, 1, 28, 28) outputs of G for noise drawn on the CPU from ``seed``, ``batch`` at a time: the same
+    ``seed`` gives the same latent vectors whatever ``batch`` is. G's train/eval mode is the caller's."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    chunks = [G(torch.randn(min(batch, n - i), z_dim, generator=gen).to(device)) for i in range(0, n, batch)]
+    return torch.cat(chunks)
+
+
 def couples_batch(module: nn.Module) -> bool:
     """True if the module has a layer whose output for one sample depends on the others (BatchNorm)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
