@@ -41,7 +41,7 @@ format: install-dev
 	$(VENV)/bin/ruff check --fix gan_ddp tests
 
 bench: install
-	$(VENV)/bin/gan-ddp bench --config $(CONFIG) data.root=../shared/data/mnist data.split=test --baseline $(ARGS)
+	$(VENV)/bin/gan-ddp bench --config $(CONFIG) data.root=bundled data.split=test --baseline $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -79,9 +79,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "with a textbook PyTorch loop",
     )
     b.add_argument("--config", required=True, help="YAML file, e.g. configs/mnist_mlp.yaml")
-    b.add_argument(
-        "overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=../shared/data/mnist data.split=test"
-    )
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=bundled data.split=test")
     b.add_argument("--baseline", action="store_true", help="also time the textbook loop on the same model and batch")
     b.add_argument("--json", type=Path, help="write every figure to this file (one flat JSON object)")
     b.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")

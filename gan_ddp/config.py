@@ -38,15 +38,26 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
 @dataclass
 class DataConfig:
     dataset: str = "mnist"  # mnist | fashion_mnist
-    root: str = "data"  # folder with the IDX files (flat or torchvision's <root>/MNIST/raw), or download target
+    # Folder with the IDX files (flat or torchvision's <root>/MNIST/raw), or the download target;
+    # "bundled" names the MNIST test split shipped inside the package (10,000 images, no network needed).
+    root: str = "data"
     split: str = "train"  # train | test | all
     download: bool = True  # fetch with torchvision when the files are missing (main process first)
+    # When the MNIST download fails (no network): "bundled" trains on the bundled test split and says so;
+    # "none" stops with an error. data.download=false never downloads, so never falls back either.
+    fallback: str = "bundled"
     num_workers: int = 0  # batches are single index ops on a resident tensor: workers rarely pay off
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("mnist", "fashion_mnist"))
         _choice("data.split", self.split, ("train", "test", "all"))
+        _choice("data.fallback", self.fallback, ("bundled", "none"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.root == "bundled" and (self.dataset, self.split) != ("mnist", "test"):
+            raise ConfigError(
+                f"data.root: 'bundled' holds only the MNIST test split; with it use data.dataset=mnist "
+                f"data.split=test (got {self.dataset} {self.split})"
+            )
 
 
 @dataclass

@@ -9,6 +9,11 @@ one-line ``DataError`` naming the file, because the CLI prints it verbatim.
 torchvision is only used to download (imported lazily, as it is slow to import);
 the files it leaves behind are read by ``read_idx`` like any others, so there is
 a single loading path to trust.
+
+The official MNIST test split ships inside the package (``gan_ddp/bundled/mnist``,
+checksums verified on every read): ``data.root=bundled`` names it, and a training
+whose download fails falls back to it (``data.fallback``), so the project trains
+and tests on a machine without a network.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,12 +48,43 @@ _SUBDIRS = {
     "mnist": ("", "MNIST/raw", "mnist"),
     "fashion_mnist": ("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
 }
+# The data.root value that names the copy of the MNIST test split shipped inside the package.
+BUNDLED = "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "mnist"
+# The official md5 sums of the t10k files (the MNIST site publishes md5; torchvision checks the same).
+_BUNDLED_MD5 = {
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 _MAX_BYTES = 1 << 31  # far above any MNIST-like file (train images: 47 MB)
 _KINDS = {1: "a labels file (1-D)", 3: "an images file (3-D)"}
 
 
 class DataError(ValueError):
     """A one-line, user-facing problem with the data files or data settings."""
+
+
+class DownloadError(DataError):
+    """The download failed (no network, unreachable mirrors): what the bundled fallback covers."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Which data a run actually read: recorded in config.yaml, W&B's config and every checkpoint."""
+
+    dataset: str
+    split: str  # the split really read: "test" when the bundled copy stood in
+    root: str  # "bundled" for the copy inside the package
+    source: str  # files (found in root) | download (fetched now) | bundled | fallback (download failed)
+    images: int
+    sha256: str  # of the decoded images and labels (`data_checksum`), whatever the files' compression
+
+    def as_dict(self) -> dict[str, str | int]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        where = "the bundled copy" if is_bundled(self.root) else self.root
+        return f"{self.dataset} {self.split} from {where} ({self.images:,} images, sha256 {self.sha256[:12]})"
 
 
 def _kind(ndim: int) -> str:
@@ -148,10 +185,44 @@ def _how_to_get(dataset: str, offer_download: bool) -> str:
     return advice
 
 
+def is_bundled(root: str | Path) -> bool:
+    return str(root) == BUNDLED
+
+
+def default_root(dataset: str, split: str) -> str:
+    """Where commands look when no root is given: the bundled copy is the official MNIST test split itself."""
+    return BUNDLED if (dataset, split) == ("mnist", "test") else "data"
+
+
+def bundled_files() -> tuple[Path, Path]:
+    """(images, labels) of the bundled MNIST test split, after checking both files' official md5."""
+    paths = []
+    for name, expected in _BUNDLED_MD5.items():
+        path = BUNDLED_DIR / name
+        try:
+            got = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+        except OSError as exc:
+            raise DataError(
+                f"{path}: the bundled MNIST test split cannot be read ({exc.strerror or _one_line(exc)}); "
+                "reinstall gan-ddp"
+            ) from exc
+        if got != expected:
+            raise DataError(f"{path}: md5 {got} is not the official {expected}: the bundled copy is damaged")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def find_split_files(root: str | Path, dataset: str, split_name: str) -> tuple[Path, Path]:
     """Return (images, labels) paths of one split, both from the first folder that has both."""
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("split", split_name, ("train", "test"))
+    if is_bundled(root):
+        if (dataset, split_name) != ("mnist", "test"):
+            raise DataError(
+                f"data.root={BUNDLED} holds only the MNIST test split (10,000 images), not {dataset} "
+                f"{split_name}: use data.split=test, or point data.root at a folder with the {dataset} files"
+            )
+        return bundled_files()
     root = Path(root).expanduser()
     folders = [root / sub for sub in _SUBDIRS[dataset]]
     for folder in folders:
@@ -185,19 +256,27 @@ def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
     except (OSError, RuntimeError) as exc:  # torchvision wraps URLError etc. in a multi-line RuntimeError
         if not existed:  # leave no empty folders behind in the user's data.root
             shutil.rmtree(target, ignore_errors=True)
-        raise DataError(
+        raise DownloadError(
             f"could not download {dataset} into {root}: {_one_line(exc)}; {_how_to_get(dataset, False)}"
         ) from exc
 
 
-def _locate(dataset: str, root: Path, splits: Sequence[str], download: bool) -> list[tuple[Path, Path]]:
+def _locate(
+    dataset: str, root: str | Path, splits: Sequence[str], download: bool, fallback: bool
+) -> tuple[list[tuple[Path, Path]], str]:
+    """The files of each split, and where they came from: "files", "download" or "fallback"."""
     try:
-        return [find_split_files(root, dataset, s) for s in splits]
+        return [find_split_files(root, dataset, s) for s in splits], "files"
     except DataError:
-        if not download:
+        if not download or is_bundled(root):
             raise
-    _download(dataset, root, splits)
-    return [find_split_files(root, dataset, s) for s in splits]
+    try:
+        _download(dataset, Path(root).expanduser(), splits)
+    except DownloadError:
+        if not (fallback and dataset == "mnist"):
+            raise
+        return [bundled_files()], "fallback"
+    return [find_split_files(root, dataset, s) for s in splits], "download"
 
 
 def _read_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
@@ -219,22 +298,38 @@ def load_arrays(
     download: bool,
     main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> tuple[Tensor, Tensor]:
-    """Load images uint8 (N, 28, 28) and labels int64 (N,); split "all" is train then test.
+    """Load images uint8 (N, 28, 28) and labels int64 (N,); split "all" is train then test."""
+    images, labels, _ = load_data(dataset, root, split, download, main_process_first=main_process_first)
+    return images, labels
 
-    ``main_process_first`` is e.g. ``accelerator.main_process_first``; it holds barriers, so it is
-    entered exactly once on every process, download or not.
+
+def load_data(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    download: bool,
+    fallback: bool = False,
+    main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    note: Callable[[str], object] | None = None,
+) -> tuple[Tensor, Tensor, DataInfo]:
+    """Images uint8 (N, 28, 28), labels int64 (N,) and what was read; split "all" is train then test.
+
+    With ``fallback``, a failed MNIST download trains on the bundled test split instead, and ``note``
+    (e.g. the main process's console) is told so in one line. ``main_process_first`` is e.g.
+    ``accelerator.main_process_first``; it holds barriers, so it is entered exactly once on every
+    process, download or not.
     """
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("split", split, SPLITS)
-    root = Path(root).expanduser()
     splits = ("train", "test") if split == "all" else (split,)
     failure: Exception | None = None
     paths: list[tuple[Path, Path]] = []
+    source = "files"
     with main_process_first():
         # Raising inside the block would skip Accelerate's closing barrier and hang the other
         # processes, so any error is held until every process has left it.
         try:
-            paths = _locate(dataset, root, splits, download)
+            paths, source = _locate(dataset, root, splits, download, fallback)
         except Exception as exc:
             failure = exc
     if failure is not None:
@@ -242,8 +337,25 @@ def load_arrays(
     # Read outside the block so processes read in parallel rather than one after another.
     parts = [_read_split(*p) for p in paths]
     if len(parts) == 1:
-        return parts[0]
-    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+        images, labels = parts[0]
+    else:
+        images, labels = torch.cat([i for i, _ in parts]), torch.cat([lab for _, lab in parts])
+    bundled = source == "fallback" or is_bundled(root)
+    info = DataInfo(
+        dataset=dataset,
+        split="test" if bundled else split,
+        root=BUNDLED if bundled else str(root),
+        source="bundled" if is_bundled(root) else source,
+        images=int(labels.shape[0]),
+        sha256=data_checksum(images, labels),
+    )
+    if source == "fallback" and note is not None:
+        note(
+            f"note: could not download {dataset} into {root}, so this run trains on the bundled MNIST test "
+            f"split ({info.images:,} images, official checksums); for the full 60,000-image training set, run "
+            "once with a network or copy the IDX files into data.root, then start a new run.dir"
+        )
+    return images, labels, info
 
 
 class ImageTensorDataset(Dataset[tuple[Tensor, Tensor]]):

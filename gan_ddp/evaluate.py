@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gan_ddp.data import DataError, data_checksum, find_split_files, load_arrays, normalize
+from gan_ddp.data import DataError, data_checksum, default_root, find_split_files, load_arrays, normalize
 
 # Evaluator kinds and their architecture tags (bump a tag when its network or training recipe changes).
 # "cnn" is the default; "mlp" shares no layer type with it, for a second, independent opinion.
@@ -695,7 +695,7 @@ def add_eval_parsers(sub: Any) -> None:
 
 def _add_data_args(p: Any, default_note: str) -> None:
     p.add_argument("--dataset", choices=("mnist", "fashion_mnist"), help=default_note)
-    p.add_argument("--root", help="folder with the IDX files")
+    p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
     p.add_argument("--split", choices=("train", "test", "all"), help="real data the evaluator and FID use")
     p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")
 
@@ -734,7 +734,8 @@ def run_eval(args: Any) -> int:
     if args.all_checkpoints:
         return _eval_all_checkpoints(args)
     if args.samples is not None:
-        dataset, root, split = args.dataset or "mnist", args.root or "data", args.split or "test"
+        dataset, split = args.dataset or "mnist", args.split or "test"
+        root = args.root or default_root(dataset, split)
         evaluator, info = load_or_train_evaluator(dataset, root, split, args.cache_dir, kind=args.evaluator)
         stats = load_or_compute_real_stats(evaluator, dataset, root, split, args.cache_dir)
         metrics = score_npz(args.samples, evaluator, stats)
@@ -820,7 +821,8 @@ def _eval_all_checkpoints(args: Any) -> int:
 
 def run_train_evaluator(args: Any) -> int:
     """``gan-ddp train-evaluator``: train (or load) and show the evaluator's card."""
-    dataset, root, split = args.dataset or "mnist", args.root or "data", args.split or "test"
+    dataset, split = args.dataset or "mnist", args.split or "test"
+    root = args.root or default_root(dataset, split)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     _, info = load_or_train_evaluator(

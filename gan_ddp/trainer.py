@@ -21,7 +21,7 @@ import torch
 from gan_ddp import checkpoint as ckpt
 from gan_ddp.config import Config, ConfigError, config_from_dict, save_config
 from gan_ddp.console import TrainingConsole
-from gan_ddp.data import ImageTensorDataset, load_arrays, make_train_loader, normalize
+from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
 from gan_ddp.distributed import (
     average_buffers,
     check_consistency,
@@ -118,9 +118,19 @@ class Trainer:
         self.local_batch = B // self.world
 
         # Data: every rank holds the uint8 tensor once (47 MB for MNIST train); batches are single index ops.
-        images, labels = load_arrays(
-            cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.data.download, acc.main_process_first
+        images, labels, self.data_info = load_data(
+            cfg.data.dataset,
+            cfg.data.root,
+            cfg.data.split,
+            cfg.data.download,
+            fallback=cfg.data.fallback == "bundled",
+            main_process_first=acc.main_process_first,
+            note=self.console.print,
         )
+        if self.data_info.root == BUNDLED:
+            # config.yaml, W&B and evaluation then name the data the run really trains on.
+            cfg.data.root, cfg.data.split = BUNDLED, "test"
+        self._check_same_data()
         if len(images) < B:
             raise ConfigError(f"train.batch_size: {B} is larger than the dataset ({len(images)} images)")
         dataset = ImageTensorDataset(images, labels)
@@ -185,6 +195,18 @@ class Trainer:
         self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
         self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
+
+    def _check_same_data(self) -> None:
+        """Collective: every rank read the same bytes (a download or fallback may go differently per node)."""
+        if self.world == 1:
+            return
+        # 52 bits of the checksum: exact in a float64, and collectives of float64 work on every backend.
+        digest = torch.tensor([float(int(self.data_info.sha256[:13], 16))], dtype=torch.float64, device=self.device)
+        if len(set(self.accelerator.gather(digest).tolist())) > 1:  # every rank sees every digest
+            raise DataError(
+                f"processes read different data ({self.data_info.describe()} on rank {self.rank}); "
+                "give every node the same data.root contents"
+            )
 
     def elapsed(self) -> float:
         """Wall seconds this run has trained, set-up included, summed over resumed sessions (`time_s`)."""
@@ -351,6 +373,7 @@ class Trainer:
             "window": {"sums": window_sums, "steps": self.window_steps},
             "skipped": self.skipped,
             "time_s": self.elapsed(),
+            "data": self.data_info.as_dict(),
         }
 
     def check_consistency(self, buffers: bool) -> int:
@@ -396,6 +419,15 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"{found}: train.batch_size was {state['global_batch']}, now {self.cfg.train.batch_size}; "
                 "the data position depends on it (use a new run.dir to change it)"
+            )
+        trained_on = state.get("data")  # absent in checkpoints written before data was recorded
+        if trained_on is not None and trained_on["sha256"] != self.data_info.sha256:
+            # Never switch data in the middle of a run, e.g. from the bundled fallback to a full set downloaded since.
+            fix = "data.root=bundled data.split=test" if trained_on["root"] == BUNDLED else "the data it started with"
+            raise ckpt.CheckpointError(
+                f"{found}: this run trained on {trained_on['dataset']} {trained_on['split']} from "
+                f"{trained_on['root']} ({trained_on['images']:,} images), but the data now is "
+                f"{self.data_info.describe()}; resume with {fix}, or start a new run.dir"
             )
         if state["ema"] != (self.ema is not None):
             raise ckpt.CheckpointError(f"{found}: ema.enabled was {state['ema']} in this checkpoint")
@@ -452,7 +484,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml", self.run_facts())
         self.console.print(
             f"gan-ddp: {self.world} process(es) on {self.device.type}, precision {self.precision} "
-            f"({self.precision_reason}), {self.threads} thread(s)/process, {self.num_images} images, "
+            f"({self.precision_reason}), {self.threads} thread(s)/process, {self.data_info.describe()}, "
             f"{self.steps_per_epoch} steps/epoch, G {self.n_params[0]:,} / D {self.n_params[1]:,} parameters"
         )
         if self.step >= self.total_steps:
@@ -587,6 +619,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "torch": str(torch.__version__),
+            "data": self.data_info.as_dict(),
         }
 
     def _summary(self, reason: str, seconds: float) -> dict[str, Any]:

@@ -9,7 +9,7 @@
 #   launch/quality_budget.sh [OUT_DIR] [SECONDS] [key=value ...]    # overrides go to every run
 #   environment: N_SAMPLES (per score, default 10000), POINTS (textbook snapshots, default 10),
 #   GAN_DDP (the gan-ddp executable), PYTHON
-#   e.g. launch/quality_budget.sh runs/quality600 600 data.root=../shared/data/mnist data.split=test
+#   e.g. launch/quality_budget.sh runs/quality600 600 data.root=bundled data.split=test
 #
 # Runs that finished their budget are kept (a BUDGET_DONE file) and only scored again when re-run;
 # an interrupted one is started afresh, since a budget split over two sessions would not compare.

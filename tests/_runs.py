@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from gan_ddp.data import BUNDLED_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST = BUNDLED_DIR  # the real MNIST t10k split, bundled in the package
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from gan_ddp.data import BUNDLED_DIR
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST_ROOT = BUNDLED_DIR
 SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
 
 # Variables that would make a child believe it is one rank of a distributed job, or force colour output.
@@ -20,9 +22,7 @@ _SCRUBBED = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """Folder with the real MNIST t10k IDX files (10,000 images); the test is skipped without it."""
-    if not any(MNIST_ROOT.glob("t10k-images-idx3-ubyte*")):
-        pytest.skip(f"real MNIST data not found in {MNIST_ROOT}")
+    """Folder with the real MNIST t10k IDX files (10,000 images), bundled in the package."""
     return MNIST_ROOT
 
 

@@ -11,7 +11,6 @@ import time
 
 import pytest
 from _runs import (
-    MNIST,
     REPO,
     assert_same_tensors,
     base_env,
@@ -25,8 +24,6 @@ from _runs import (
 )
 
 from gan_ddp import checkpoint as ckpt
-
-pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
@@ -141,3 +138,61 @@ def test_signal_checkpoints_and_exits_75(tmp_path, signum, capsys):
     capsys.readouterr()
     assert train_inproc(run, f"train.steps={step + 3}") == 0
     assert f"step {step})" in capsys.readouterr().out and not (run / "PREEMPTED").exists()
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def no_network(root: str, train: bool, download: bool) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -2] Name unknown>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+
+
+def test_offline_training_falls_back_records_the_data_and_never_switches(tmp_path, monkeypatch, capsys):
+    """`make train` without a network: the bundled split stands in, is recorded, and a resume that would read
+    other data (the full set downloaded since) is refused with one line naming both."""
+    import yaml
+
+    from gan_ddp.data import BUNDLED, data_checksum, load_arrays
+
+    run, empty = tmp_path / "run", tmp_path / "data"
+    offline = (f"data.root={empty}", "data.split=train", "data.download=true", "train.steps=10")
+    _offline(monkeypatch)
+    assert train_inproc(run, *offline) == 0
+    out = capsys.readouterr().out
+    assert "could not download mnist" in out and "bundled MNIST test split" in out
+    images, labels = load_arrays("mnist", BUNDLED, "test", download=False)
+    facts = yaml.safe_load((run / "config.yaml").read_text())
+    assert facts["data"]["root"] == BUNDLED and facts["data"]["split"] == "test"  # what the run really read
+    used = facts["resolved"]["data"]
+    assert used == {
+        "dataset": "mnist",
+        "split": "test",
+        "root": BUNDLED,
+        "source": "fallback",
+        "images": 10_000,
+        "sha256": data_checksum(images, labels),
+    }
+    assert json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["data"]["sha256"] == used["sha256"]
+
+    # Still offline: the same fallback, so the run resumes.
+    assert train_inproc(run, *offline[:-1], "train.steps=20") == 0
+    assert "resumed from" in capsys.readouterr().out
+
+    # Now the "full set" is there (a stand-in: the first 5,000 images as a train split): refused, nothing lost.
+    from test_data import idx_bytes
+
+    empty.mkdir()
+    (empty / "train-images-idx3-ubyte").write_bytes(idx_bytes(images[:5000].numpy()))
+    (empty / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:5000].numpy()))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(ckpt.CheckpointError) as excinfo:
+        train_inproc(run, *offline[:-1], "train.steps=30")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for part in ("trained on mnist test from bundled (10,000 images)", f"mnist train from {empty}", "5,000 images"):
+        assert part in message
+    assert "data.root=bundled data.split=test" in message and "new run.dir" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert train_inproc(run, "data.root=bundled", "data.split=test", "train.steps=30") == 0  # the fix it names

@@ -81,7 +81,20 @@ def test_smoke_config_is_small_and_offline() -> None:
     assert cfg.train.steps is not None and cfg.train.steps <= 50
     assert cfg.data.download is False
     assert cfg.data.split == "test"
+    assert cfg.data.root == "bundled"  # the copy inside the package: nothing beside the checkout is needed
     assert cfg.log.wandb == "disabled"
+
+
+def test_default_config_falls_back_to_the_bundled_split() -> None:
+    cfg = load_config(CONFIGS / "mnist_mlp.yaml")
+    assert (cfg.data.root, cfg.data.split, cfg.data.download, cfg.data.fallback) == ("data", "train", True, "bundled")
+
+
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_bundled_root_needs_the_test_split(split: str) -> None:
+    message = config_error(None, ["data.root=bundled", f"data.split={split}"])
+    assert "data.root" in message and "only the MNIST test split" in message and "data.split=test" in message
+    assert load_config(None, ["data.root=bundled", "data.split=test"]).data.root == "bundled"
 
 
 def test_no_file_gives_the_dataclass_defaults() -> None:
@@ -219,6 +232,7 @@ def test_out_of_range(override: str, expected: tuple[str, ...]) -> None:
     [
         ("data.split=val", "data.split", "train, test, all"),
         ("data.dataset=cifar10", "data.dataset", "mnist, fashion_mnist"),
+        ("data.fallback=internet", "data.fallback", "bundled, none"),
         ("model.arch=resnet", "model.arch", "mlp, dcgan"),
         ("loss.kind=lsgan", "loss.kind", "bce, hinge, wgan-gp"),
         ("train.precision=fp8", "train.precision", "auto, no, fp16, bf16"),

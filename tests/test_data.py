@@ -10,20 +10,24 @@ import pytest
 import torch
 import torchvision.datasets
 
+from gan_ddp import data as data_module
 from gan_ddp.data import (
+    BUNDLED,
+    BUNDLED_DIR,
     DataError,
     ImageTensorDataset,
     collate_batch,
     data_checksum,
     find_split_files,
     load_arrays,
+    load_data,
     make_train_loader,
     normalize,
     read_idx,
     to_uint8,
 )
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+REAL_MNIST = BUNDLED_DIR  # the real MNIST t10k split shipped in the package
 STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -391,7 +395,6 @@ def test_data_checksum() -> None:
 # --- real data --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"{REAL_MNIST} is absent")
 def test_real_mnist_test_split() -> None:
     images, labels = load_arrays("mnist", REAL_MNIST, "test", download=False)
     assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
@@ -401,3 +404,116 @@ def test_real_mnist_test_split() -> None:
     ds = ImageTensorDataset(images, labels)
     batch_images, _ = next(iter(make_train_loader(ds, 64, 64, seed=0)))
     assert normalize(batch_images).shape == (64, 1, 28, 28)
+
+
+# --- the bundled copy and the offline fallback ------------------------------------------------------------
+
+BUNDLED_MD5 = {
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def test_bundled_split_is_the_official_one() -> None:
+    for name, md5 in BUNDLED_MD5.items():
+        assert hashlib.md5((BUNDLED_DIR / name).read_bytes()).hexdigest() == md5
+    notice = (BUNDLED_DIR / "README.md").read_text()
+    assert "CC BY-SA 3.0" in notice and "LeCun" in notice
+    images, labels, info = load_data("mnist", BUNDLED, "test", download=False)
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
+    assert (info.root, info.split, info.source, info.images) == (BUNDLED, "test", "bundled", 10_000)
+    assert info.sha256 == data_checksum(images, labels)
+    same_images, same_labels = load_arrays("mnist", REAL_MNIST, "test", download=False)  # the folder, by path
+    assert torch.equal(same_images, images) and torch.equal(same_labels, labels)
+
+
+def test_damaged_bundled_copy_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in BUNDLED_MD5:
+        (tmp_path / name).write_bytes((BUNDLED_DIR / name).read_bytes())
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(labels.read_bytes())
+    raw[-9] ^= 1  # inside the gzip payload's CRC: still a file, no longer the official one
+    labels.write_bytes(bytes(raw))
+    monkeypatch.setattr(data_module, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(DataError) as excinfo:
+        load_data("mnist", BUNDLED, "test", download=False)
+    error_text(excinfo, labels, "is not the official ec29112dd5afa0611ce80d1b7f02629c", "damaged")
+    labels.unlink()
+    with pytest.raises(DataError) as excinfo:
+        load_data("mnist", BUNDLED, "test", download=False)
+    error_text(excinfo, labels, "cannot be read", "reinstall gan-ddp")
+
+
+def test_bundled_holds_only_the_mnist_test_split() -> None:
+    for dataset, split in (("mnist", "train"), ("mnist", "all"), ("fashion_mnist", "test")):
+        with pytest.raises(DataError) as excinfo:
+            load_data(dataset, BUNDLED, split, download=True)  # never a download into a folder named "bundled"
+        error_text(excinfo, "data.root=bundled holds only the MNIST test split", f"not {dataset}")
+    assert not Path(BUNDLED).exists()
+
+
+def _no_network(calls: list[bool]):
+    def fake(root: str, train: bool, download: bool) -> None:
+        calls.append(train)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://x/, got:\n<urlopen error>")
+
+    return fake
+
+
+def test_failed_download_falls_back_to_the_bundled_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    notes: list[str] = []
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _no_network(calls))
+    images, _, info = load_data("mnist", tmp_path, "train", download=True, fallback=True, note=notes.append)
+    assert calls == [True]  # the full training split was tried first
+    assert images.shape == (10_000, 28, 28)
+    assert (info.root, info.split, info.source, info.images) == (BUNDLED, "test", "fallback", 10_000)
+    assert info.sha256 == load_data("mnist", BUNDLED, "test", download=False)[2].sha256
+    assert len(notes) == 1 and "\n" not in notes[0]
+    for part in (f"could not download mnist into {tmp_path}", "bundled MNIST test split", "10,000 images", "60,000"):
+        assert part in notes[0]
+    assert not any(tmp_path.iterdir())  # no half-made folders left in data.root
+
+
+def test_no_fallback_when_not_asked_or_not_possible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _no_network(calls))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _no_network(calls))
+    with pytest.raises(DataError, match="could not download mnist"):  # data.fallback=none
+        load_data("mnist", tmp_path, "train", download=True, fallback=False)
+    with pytest.raises(DataError, match="mnist train files not found"):  # data.download=false stays an error
+        load_data("mnist", tmp_path, "train", download=False, fallback=True)
+    with pytest.raises(DataError, match="could not download fashion_mnist"):  # nothing bundled for it
+        load_data("fashion_mnist", tmp_path, "train", download=True, fallback=True)
+    assert calls == [True, True]
+
+
+def test_wheel_carries_the_bundled_split(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PIP_NO_INDEX": "1"},
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("gan_ddp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in [*BUNDLED_MD5, "README.md"]:
+        assert f"gan_ddp/bundled/mnist/{name}" in names

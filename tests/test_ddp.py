@@ -14,7 +14,6 @@ import time
 import psutil
 import pytest
 from _runs import (
-    MNIST,
     REPO,
     assert_same_tensors,
     base_env,
@@ -29,7 +28,7 @@ from _runs import (
     train_inproc,
 )
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")]
+pytestmark = pytest.mark.multiprocess
 
 # 5 global steps per epoch (2000 of the 10k test images a step): short runs cross epochs.
 SHORT = ("train.batch_size=2000", "train.epochs=100", "log.every=2", "log.sample_every=5", "checkpoint.every=4")

@@ -47,7 +47,6 @@ def test_guard_fires_only_when_the_launcher_and_accelerate_disagree():
     assert "\n" not in message and "ACCELERATE_USE_CPU=true" in message and "torchrun" in message
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
     """fp16 runs only on GPUs; here the optimizers report every step as skipped by the gradient scaler
     (what an overflow does), and the trainer must count both and put them in the metrics."""

@@ -43,7 +43,6 @@ def test_buffers_are_copied_and_state_round_trips():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 def test_grids_sample_from_the_ema(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 

@@ -1,7 +1,7 @@
 """Classifier-feature FID and friends: the evaluator, the metrics, distributed generation, the CLI functions.
 
-One evaluator is trained per session (few epochs, into a temporary cache) on the real MNIST test split;
-tests that need it skip when ``../shared/data/mnist`` is absent.
+One evaluator is trained per session (few epochs, into a temporary cache) on the real MNIST test split
+that the package bundles.
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import torch
 from torch import nn
 
 from gan_ddp import evaluate as ev
-from gan_ddp.data import DataError, data_checksum, load_arrays
+from gan_ddp.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+REAL_MNIST = BUNDLED_DIR  # the real MNIST t10k split shipped in the package
 TEST_EPOCHS = 3  # enough for >= 97% held out; the default (ev.DEFAULT_EPOCHS) is what reaches >= 98.5%
 LN10 = math.log(10)
 # Measured with the session evaluator (3 epochs, seed 0): real vs real 1.2, uniform noise 1050, only 1s 1150.
 REAL_VS_REAL_MAX = 5.0
-
-needs_mnist = pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST test split not at {REAL_MNIST}")
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -44,8 +42,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    if not REAL_MNIST.is_dir():
-        pytest.skip(f"real MNIST test split not at {REAL_MNIST}")
     return load_arrays("mnist", REAL_MNIST, "test", download=False)
 
 
@@ -80,7 +76,6 @@ def stats_a(real_features, halves) -> ev.RealStats:
 
 
 # ------------------------------------------------------------------------------ evaluator
-@needs_mnist
 def test_evaluator_accuracy_and_card(trained, mnist, cache_dir: Path) -> None:
     _, info, _ = trained
     assert info.heldout_accuracy >= 0.97, info
@@ -95,7 +90,6 @@ def test_evaluator_accuracy_and_card(trained, mnist, cache_dir: Path) -> None:
     assert card["split"] == "test" and card["arch"] == ev.ARCH and card["torch_version"] == torch.__version__
 
 
-@needs_mnist
 def test_cached_evaluator_loads_without_training(trained, cache_dir: Path, monkeypatch) -> None:
     model, info, _ = trained
 
@@ -111,7 +105,6 @@ def test_cached_evaluator_loads_without_training(trained, cache_dir: Path, monke
     assert not again.training
 
 
-@needs_mnist
 def test_evaluator_training_is_deterministic() -> None:
     rng = torch.random.get_rng_state()
     a, info_a = ev.train_evaluator("mnist", REAL_MNIST, "test", seed=3, epochs=1, max_train=512)
@@ -122,7 +115,6 @@ def test_evaluator_training_is_deterministic() -> None:
     assert info_a.n_train == 512 and info_a.n_heldout == 1000
 
 
-@needs_mnist
 def test_mlp_evaluator_is_a_second_independent_opinion(mnist, halves, cache_dir: Path, tmp_path: Path) -> None:
     """`--evaluator mlp`: another architecture (no convolution) with its own cache files and card; its
     feature space also puts real close to real and noise far away."""
@@ -160,7 +152,6 @@ def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ metrics on real data
-@needs_mnist
 def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, stats_a) -> None:
     feats, probs = real_features
     metrics = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma)
@@ -173,7 +164,6 @@ def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, sta
     assert metrics["eval/n"] == 5000
 
 
-@needs_mnist
 def test_uniform_noise_is_far(evaluator, real_features, halves, stats_a) -> None:
     noise = torch.randint(0, 256, (2000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metrics = ev.evaluate_samples(evaluator, noise, stats_a)
@@ -183,7 +173,6 @@ def test_uniform_noise_is_far(evaluator, real_features, halves, stats_a) -> None
     assert metrics["eval/fid"] > 10 * REAL_VS_REAL_MAX
 
 
-@needs_mnist
 def test_one_repeated_class_collapses_coverage(evaluator, mnist, stats_a) -> None:
     images, labels = mnist
     ones = images[labels == 1]  # ~1135 images of the digit 1
@@ -194,7 +183,6 @@ def test_one_repeated_class_collapses_coverage(evaluator, mnist, stats_a) -> Non
     assert metrics["eval/fid"] > 10 * REAL_VS_REAL_MAX
 
 
-@needs_mnist
 def test_real_stats_are_cached_per_data_and_evaluator(
     evaluator, real_features, mnist, cache_dir, tmp_path: Path, monkeypatch
 ) -> None:
@@ -219,7 +207,6 @@ def test_real_stats_are_cached_per_data_and_evaluator(
     assert not np.allclose(ev.load_or_compute_real_stats(other, "mnist", REAL_MNIST, "test", tmp_path).mu, stats.mu)
 
 
-@needs_mnist
 def test_input_layouts_agree(evaluator, mnist) -> None:
     images = mnist[0][:64]  # (64, 28, 28) uint8
     ref = ev.extract_features(evaluator, images)[0]
@@ -294,7 +281,6 @@ def test_compute_metrics_counts() -> None:
 
 
 # ------------------------------------------------------------------------------ .npz samples
-@needs_mnist
 def test_score_npz_matches_in_memory_scoring(evaluator, mnist, halves, stats_a, tmp_path: Path) -> None:
     images = mnist[0][halves[1][:1000]]
     path = tmp_path / "samples.npz"
@@ -485,7 +471,6 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.multiprocess
-@needs_mnist
 def test_two_processes_score_like_one(trained, cache_dir: Path, stats_a, tmp_path: Path) -> None:
     _, info, _ = trained
     script = tmp_path / "score.py"
@@ -532,7 +517,6 @@ def test_eval_parser_wants_exactly_one_source(tmp_path: Path) -> None:
         _parse(["eval", "--run", "r", "--samples", "s.npz"])
 
 
-@needs_mnist
 def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, monkeypatch) -> None:
     common = ["--dataset", "mnist", "--root", str(REAL_MNIST), "--split", "test", "--cache-dir", str(cache_dir)]
     monkeypatch.setattr(ev, "train_evaluator", lambda *a, **k: pytest.fail("should load the cached evaluator"))
@@ -550,7 +534,6 @@ def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, 
     assert written["evaluator"] == ev.ARCH
 
 
-@needs_mnist
 def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     import gan_ddp.distributed
     import gan_ddp.trainer
@@ -570,7 +553,6 @@ def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, m
     assert json.loads(out.read_text())["eval/n"] == 300
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="needs ../shared/data/mnist")
 def test_training_logs_periodic_evaluations(trained, cache_dir: Path, tmp_path: Path) -> None:
     from _runs import metric_lines, train_inproc
 
@@ -583,7 +565,6 @@ def test_training_logs_periodic_evaluations(trained, cache_dir: Path, tmp_path: 
         assert 0 <= m["eval/coverage"] <= 10 and 0 < m["eval/confidence"] <= 1
 
 
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="needs ../shared/data/mnist")
 def test_eval_all_checkpoints_gives_the_curve_of_a_run(trained, cache_dir: Path, tmp_path: Path, capsys) -> None:
     """`eval --run DIR --all-checkpoints`: one row per kept checkpoint, oldest first, with the run's training
     time at that checkpoint; the newest row equals a plain `eval --run` of the newest checkpoint."""

@@ -9,10 +9,8 @@ import sys
 
 import imageio.v3 as iio
 import pytest
-from _runs import MNIST, REPO, base_env, metric_lines, single, torchrun, train_cmd, train_inproc
+from _runs import REPO, base_env, metric_lines, single, torchrun, train_cmd, train_inproc
 from PIL import Image
-
-pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 
 SHORT = ("train.steps=12", "log.every=3", "log.sample_every=4", "checkpoint.every=8")
 
