@@ -78,7 +78,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from gan_ddp.data import to_sample_array
     from gan_ddp.models import generate
-    from gan_ddp.trainer import load_generator_from_run
+    from gan_ddp.rundir import load_generator_from_run
 
     _positive("--n", args.n)
     _positive("--batch", args.batch)
@@ -112,7 +112,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from gan_ddp import viz
-    from gan_ddp.trainer import load_generator_from_run
+    from gan_ddp.rundir import load_generator_from_run
 
     _positive("--steps", args.steps)
     _positive("--rows", args.rows)

@@ -742,7 +742,7 @@ def run_eval(args: Any) -> int:
         source, is_main = str(args.samples), True
     else:
         from gan_ddp.distributed import check_distributed, make_accelerator
-        from gan_ddp.trainer import load_generator_from_run
+        from gan_ddp.rundir import load_generator_from_run
 
         G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
         dataset = args.dataset or cfg.data.dataset
@@ -775,7 +775,7 @@ def _eval_all_checkpoints(args: Any) -> int:
     ``checkpoint.keep`` high enough when training). ``time_s`` is the run's training time at the checkpoint."""
     from gan_ddp import checkpoint as ckpt
     from gan_ddp.distributed import check_distributed, make_accelerator
-    from gan_ddp.trainer import load_generator_from_run
+    from gan_ddp.rundir import load_generator_from_run
 
     accelerator = make_accelerator("no")
     check_distributed(accelerator.num_processes)

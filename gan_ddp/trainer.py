@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
-from gan_ddp.config import Config, ConfigError, config_from_dict, save_config
+from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
 from gan_ddp.distributed import (
@@ -58,35 +58,6 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     if want_cpu():
         return choose_precision(requested, "cpu", cpu_has_bf16=cpu_has_native_bf16())
     return choose_precision(requested, "cuda", capability=torch.cuda.get_device_capability())
-
-
-def load_generator_from_run(run_dir: Path, checkpoint: Path | None = None, use_ema: bool = True):
-    """(G in eval mode on CPU, config, checkpoint dir) for `sample`, `interpolate` and evaluation."""
-    from safetensors.torch import load_file
-
-    cfg = config_from_dict(_read_yaml(run_dir / "config.yaml"))
-    if checkpoint is None:
-        checkpoint = ckpt.find_latest(run_dir / "checkpoints")
-        if checkpoint is None:
-            raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint under checkpoints/")
-    else:
-        ckpt.verify(checkpoint)
-    generator, _ = build_models(cfg.model)
-    ema = ckpt.load_ema(checkpoint) if use_ema else None
-    if ema is not None:
-        prefix = "ema.shadow."
-        generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
-    else:
-        generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    return generator.eval(), cfg, checkpoint
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is this a gan-ddp run directory?")
-    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
 
 
 class Trainer:

@@ -489,28 +489,25 @@ def test_no_fallback_when_not_asked_or_not_possible(tmp_path: Path, monkeypatch:
 
 
 def test_wheel_carries_the_bundled_split(tmp_path: Path) -> None:
+    import os
+    import shutil
     import subprocess
     import sys
     import zipfile
 
     repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # pip builds inside the source tree: a copy keeps build/ out of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(repo / "gan_ddp", source / "gan_ddp", ignore=shutil.ignore_patterns("__pycache__"))
+    wheel_cmd = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
     build = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(repo),
-        ],
+        [sys.executable, "-m", "pip", *wheel_cmd],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "PIP_NO_INDEX": "1"},
+        env={**os.environ, "PIP_NO_INDEX": "1"},
     )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = tmp_path.glob("gan_ddp-*.whl")

@@ -536,14 +536,14 @@ def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, 
 
 def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     import gan_ddp.distributed
-    import gan_ddp.trainer
+    import gan_ddp.rundir
 
     cfg = argparse.Namespace(
         data=argparse.Namespace(dataset="mnist", root=str(REAL_MNIST), split="test"),
         model=argparse.Namespace(z_dim=8),
     )
     monkeypatch.setattr(
-        gan_ddp.trainer, "load_generator_from_run", lambda run, ckpt, use_ema: (TinyGenerator(), cfg, run)
+        gan_ddp.rundir, "load_generator_from_run", lambda run, ckpt, use_ema: (TinyGenerator(), cfg, run)
     )
     monkeypatch.setattr(gan_ddp.distributed, "make_accelerator", lambda precision: ThreadAccelerator(0, 1, {}))
     out = tmp_path / "m.json"

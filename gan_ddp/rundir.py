@@ -1,0 +1,56 @@
+"""A finished (or interrupted) run directory, read back: its config and its generator.
+
+What `sample`, `interpolate` and `eval --run` need from a run lives here, below the trainer, so those
+commands and the evaluation never import the training loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gan_ddp import checkpoint as ckpt
+from gan_ddp.config import Config, config_from_dict
+from gan_ddp.models import build_models
+
+CONFIG_FILE = "config.yaml"
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The resolved config a run wrote at start-up (its `resolved` facts are not part of the tree)."""
+    return config_from_dict(_read_yaml(Path(run_dir) / CONFIG_FILE))
+
+
+def load_generator_from_run(
+    run_dir: Path, checkpoint: Path | None = None, use_ema: bool = True
+) -> tuple[nn.Module, Config, Path]:
+    """(G in eval mode on CPU, config, checkpoint dir): the newest complete checkpoint unless one is named.
+    With `use_ema`, the generator EMA's weights where the run kept one, else the raw generator's."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if checkpoint is None:
+        checkpoint = ckpt.find_latest(run_dir / "checkpoints")
+        if checkpoint is None:
+            raise ckpt.CheckpointError(f"{run_dir}: no complete checkpoint under checkpoints/")
+    else:
+        ckpt.verify(checkpoint)
+    generator, _ = build_models(cfg.model)
+    ema = ckpt.load_ema(checkpoint) if use_ema else None
+    if ema is not None:
+        prefix = "ema.shadow."
+        generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
+    else:
+        generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return generator.eval(), cfg, checkpoint
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is this a gan-ddp run directory?")
+    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
