@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
+from gan_ddp import compat
 from gan_ddp.config import Config, ConfigError, config_from_dict, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import ImageTensorDataset, load_arrays, make_train_loader, normalize
@@ -32,6 +33,7 @@ from gan_ddp.distributed import (
     make_accelerator,
     want_cpu,
 )
+from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.models import build_models, count_parameters, couples_batch, model_signature
@@ -58,6 +60,19 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     if want_cpu():
         return choose_precision(requested, "cpu", cpu_has_bf16=cpu_has_native_bf16())
     return choose_precision(requested, "cuda", capability=torch.cuda.get_device_capability())
+
+
+def compile_models(G: torch.nn.Module, D: torch.nn.Module, mode: str, device_type: str):
+    """torch.compile G and D; `reduce-overhead` also replays them as CUDA graphs (no launch overhead)."""
+    why_not = compat.compile_unsupported()
+    if why_not:
+        raise ConfigError(f"train.compile: {why_not}; set train.compile=false")
+    if mode == "reduce-overhead" and device_type != "cuda":
+        raise ConfigError(
+            "train.compile_mode: reduce-overhead captures CUDA graphs and needs a GPU; on CPU use "
+            "train.compile_mode=default (or train.compile=false)"
+        )
+    return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
 
 
 def load_generator_from_run(run_dir: Path, checkpoint: Path | None = None, use_ema: bool = True):
@@ -93,6 +108,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.created = time.monotonic()  # train.max_seconds counts set-up too, as a job's time limit does
         self.cfg = cfg
+        check_gpu_kernels()  # a GPU this torch build has no kernels for: one line now, not a crash mid-run
         self.precision, self.precision_reason = resolve_precision(cfg.train.precision)
         self.accelerator = acc = make_accelerator(self.precision)
         check_distributed(acc.num_processes)
@@ -137,15 +153,17 @@ class Trainer:
         self.ema = GeneratorEMA(G, cfg.ema.decay, cfg.ema.rampup) if cfg.ema.enabled else None
         if self.ema is not None:
             self.ema.shadow.to(self.device)
-        fused = self.device.type in ("cuda", "cpu")
+        fused = compat.fused_adam(self.device.type)
         opt_g = torch.optim.Adam(
             G.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused
         )
         opt_d = torch.optim.Adam(
             D.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused
         )
+        self.cuda_graphs = False
         if cfg.train.compile:
-            G, D = torch.compile(G), torch.compile(D)
+            G, D = compile_models(G, D, cfg.train.compile_mode, self.device.type)
+            self.cuda_graphs = cfg.train.compile_mode == "reduce-overhead"
         self.G, self.D, self.opt_g, self.opt_d, self.loader = acc.prepare(G, D, opt_g, opt_d, loader)
         self.G_raw = acc.unwrap_model(self.G)
         self.D_raw = acc.unwrap_model(self.D)
@@ -234,6 +252,8 @@ class Trainer:
         return loss.detach()
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+        if self.cuda_graphs:  # last step's graph outputs (fake, logits) are dead: their memory may be reused
+            compat.cudagraph_mark_step_begin()
         real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
         with self.accelerator.autocast():
             fake = self.G(self.noise(step, 0))  # (b, 1, 28, 28)

@@ -12,14 +12,17 @@ from gan_ddp.distributed import DistributedSetupError, check_distributed, choose
 
 @pytest.mark.parametrize(
     ("capability", "expected"),
-    [((3, 7), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
-     ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
-    ids=["K80", "P100", "V100", "T4", "A100", "A10G", "H100"],
+    [((3, 7), "no"), ((5, 2), "no"), ((6, 0), "fp16"), ((6, 1), "no"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+     ((8, 0), "bf16"), ((8, 6), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16"), ((10, 0), "bf16")],
+    ids=["K80", "M60", "P100", "P40-GTX1080", "V100", "T4", "A100", "A10G", "L4", "H100", "B200"],
 )  # fmt: skip
 def test_auto_precision_by_compute_capability(capability, expected):
+    """bf16 from 8.0; fp16 + scaler where fp16 is fast (tensor cores from 7.0, P100's 6.0); fp32 below."""
     precision, reason = choose_precision("auto", "cuda", capability=capability)
     assert precision == expected
     assert f"{capability[0]}.{capability[1]}" in reason
+    assert ("gradient scaler" in reason) == (expected == "fp16")
+    assert reason.endswith("fp32") == (expected == "no")
 
 
 def test_auto_precision_on_cpu_follows_native_bf16():
