@@ -64,11 +64,28 @@ def cuda_arch_flags() -> list[str]:
     return flags.split() if flags else list(torch.cuda.get_arch_list())
 
 
-def install_shims() -> None:
-    """Fill the gaps of old torch that libraries we use step into. Idempotent.
+def _cpu_set_device(device: object) -> None:
+    """torch >= 2.1's `torch.cpu.set_device`: a CPU has one device, nothing to select."""
 
-    Accelerate (checked 0.34 to 1.15) calls `torch.cpu.device_count()` when it sets up a multi-process CPU
-    run (`PartialState.set_device`); torch added that function in 2.1, returning 1 (a CPU is one device).
-    Without it, `torchrun --nproc_per_node N` fails on torch 2.0 before training starts."""
-    if not hasattr(torch.cpu, "device_count"):
-        torch.cpu.device_count = lambda: 1  # what torch >= 2.1 returns
+
+# torch.cpu's device-module functions as torch 2.1 defines them (trivial: a CPU is one device).
+CPU_DEVICE_MODULE = {
+    "device_count": lambda: 1,
+    "set_device": _cpu_set_device,
+    "current_device": lambda: "cpu",
+    "is_available": lambda: True,
+    "synchronize": lambda device=None: None,
+}
+
+
+def install_shims() -> None:
+    """Fill the gaps of old torch that libraries we use step into. Idempotent; never replaces a real one.
+
+    Accelerate (checked 0.34 to 1.15) treats `torch.cpu` as a device module when it sets up a
+    multi-process CPU run (`PartialState.set_device` calls `device_count()` and `set_device()`); torch
+    added those functions in 2.1. Without them `torchrun --nproc_per_node N` fails on torch 2.0 (the K80
+    stack) before training starts. A shim is smaller and safer than pinning an Accelerate old enough not
+    to call them (those predate `use_seedable_sampler` and the loader's `set_epoch`, which we rely on)."""
+    for name, function in CPU_DEVICE_MODULE.items():
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, function)
