@@ -195,7 +195,8 @@ class Trainer:
         # resumed by M still averages exactly the steps it holds.
         self.window = torch.zeros(6, device=self.device, dtype=torch.float64)
         self.window_steps = 0
-        self.skipped = [0, 0]  # fp16: optimizer steps the gradient scaler skipped (D, G)
+        # fp16: optimizer steps the gradient scaler skipped (D, G), counted on the device (no sync per step)
+        self.skipped = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
         self.stop = StopRequest()
@@ -229,8 +230,7 @@ class Trainer:
             loss = loss + cfg.gp_weight * gradient_penalty(self.D, real, fake.detach())
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        self.opt_d.step()
-        self.skipped[0] += int(self.opt_d.step_was_skipped)
+        self._step_and_count_skip(self.opt_d, 0)
         score_real, score_fake = d_scores(real_logits, fake_logits)
         return loss.detach(), score_real, score_fake
 
@@ -243,13 +243,28 @@ class Trainer:
                 loss = g_loss(self.cfg.loss.kind, self.D_raw(fake))
             self.opt_g.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
-            self.opt_g.step()
-            self.skipped[1] += int(self.opt_g.step_was_skipped)
+            self._step_and_count_skip(self.opt_g, 1)
         finally:
             self.D_raw.requires_grad_(True)
         if self.ema is not None:
             self.ema.update(self.G_raw)
         return loss.detach()
+
+    def _step_and_count_skip(self, optimizer, which: int) -> None:
+        """optimizer.step(), counting a step the fp16 gradient scaler skipped into self.skipped[which].
+
+        Accelerate's `step_was_skipped` sees only skips where the scaler did not call `optimizer.step`. A
+        fused Adam is always called: it reads found-inf on the device and skips inside its kernel. So a
+        step also counts as skipped when the scaler's update lowered the scale, which GradScaler does
+        exactly when it found inf/NaN gradients (it grows the scale, or keeps it, otherwise). Both tests
+        stay on the device: no host sync per step."""
+        scaler = self.accelerator.scaler
+        before = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
+        optimizer.step()
+        if optimizer.step_was_skipped:
+            self.skipped[which] += 1
+        elif before is not None:
+            self.skipped[which] += (scaler._scale < before).sum()
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
         if self.cuda_graphs:  # last step's graph outputs (fake, logits) are dead: their memory may be reused
@@ -291,7 +306,7 @@ class Trainer:
         if self.precision == "fp16":
             scaler = self.accelerator.scaler
             metrics["amp/scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
-            metrics["amp/skipped_d"], metrics["amp/skipped_g"] = self.skipped
+            metrics["amp/skipped_d"], metrics["amp/skipped_g"] = self.skipped.tolist()
         self.window.zero_()
         self.window_steps = 0
         return metrics
@@ -369,7 +384,7 @@ class Trainer:
             "precision": self.precision,
             "ema": self.ema is not None,
             "window": {"sums": window_sums, "steps": self.window_steps},
-            "skipped": self.skipped,
+            "skipped": self.skipped.tolist(),
             "time_s": self.elapsed(),
         }
 
@@ -433,7 +448,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{found}: ema.safetensors is missing")
             self.ema.load_state_dict({k[len("ema.") :]: v.to(self.device) for k, v in ema_state.items()})
         self.step = state["step"]
-        self.skipped = list(state["skipped"])
+        self.skipped = torch.tensor(state["skipped"], dtype=torch.int64, device=self.device)
         self.time_before = float(state.get("time_s", 0.0))
         if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
             sums = list(state["window"]["sums"])

@@ -4,6 +4,7 @@ launch guard, and fp16's skipped-step accounting with a mocked gradient scaler."
 from __future__ import annotations
 
 import pytest
+import torch
 from _runs import MNIST, SMOKE
 
 from gan_ddp.config import ConfigError, load_config
@@ -68,7 +69,51 @@ def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
     for step, batch in zip(range(1, 5), trainer.loader, strict=False):
         trainer.train_step(batch, step)
         trainer.window_steps += 1
-    assert trainer.skipped == [4, 2]  # D every step, G every second step (d_steps=2)
+    assert trainer.skipped.tolist() == [4, 2]  # D every step, G every second step (d_steps=2)
     metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
     assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"]) == (4, 2)
     assert "amp/scale" in metrics
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
+def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
+    """A fused Adam under a GradScaler is always called (it skips inside its kernel), so Accelerate's
+    step_was_skipped stays False; the trainer also counts a step whose update lowered the scale. Here a
+    stand-in scaler backs off at every second D step and never at G steps."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_ddp.trainer import Trainer
+
+    class BackingOffScaler:  # what GradScaler does to its scale tensor, without CUDA
+        def __init__(self, opt_d):
+            self._scale = torch.full((1,), 65536.0)
+            self.opt_d, self.d_steps = opt_d, 0
+
+        def scale(self, loss):
+            return loss
+
+        def get_scale(self):
+            return float(self._scale)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    cfg = load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    trainer.precision = "fp16"
+    scaler = BackingOffScaler(trainer.opt_d)
+    trainer.accelerator.scaler = scaler
+    d_step = trainer.opt_d.step
+
+    def d_step_that_overflows_every_second_time(*args, **kwargs):
+        d_step(*args, **kwargs)
+        scaler.d_steps += 1
+        if scaler.d_steps % 2 == 0:
+            scaler._scale *= 0.5  # GradScaler.update after found-inf
+
+    trainer.opt_d.step = d_step_that_overflows_every_second_time
+    for step, batch in zip(range(1, 7), trainer.loader, strict=False):
+        trainer.train_step(batch, step)
+        trainer.window_steps += 1
+    assert trainer.skipped.tolist() == [3, 0]
+    metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
+    assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"], metrics["amp/scale"]) == (3, 0, 65536.0 / 8)
