@@ -154,16 +154,21 @@ def _driver_version() -> str | None:
     return match.group(1) if match else "unknown version"
 
 
+def visible_gpus() -> list[GPU]:
+    """Every GPU torch can see (reading properties needs no kernel, so it works without kernels too)."""
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        gpus.append(GPU(i, props.name, (props.major, props.minor), props.total_memory / 2**30))
+    return gpus
+
+
 def gather() -> Machine:
     """The facts of this machine and this torch build (initialises CUDA when a GPU is visible)."""
     import torch.distributed as dist
 
     cuda_available = torch.cuda.is_available()
-    gpus = []
-    if cuda_available:
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append(GPU(i, props.name, (props.major, props.minor), props.total_memory / 2**30))
+    gpus = visible_gpus() if cuda_available else []
     nccl = None
     if dist.is_available() and dist.is_nccl_available():
         try:
@@ -228,7 +233,15 @@ def check_gpu_kernels(machine: Machine | None = None) -> None:
     if machine is None:
         if not torch.cuda.is_available():
             return
-        machine = gather()
+        # only what the check needs: every rank runs it before training, so no cuDNN or NCCL probing
+        machine = Machine(
+            torch=str(torch.__version__),
+            cuda=torch.version.cuda,
+            cudnn=None,
+            archs=compat.cuda_arch_flags(),
+            gpus=visible_gpus(),
+            cuda_available=True,
+        )
     problems = kernel_problems(machine)
     if problems:
         more = f" (and {len(problems) - 1} more GPU(s) alike)" if len(problems) > 1 else ""
