@@ -2,26 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Exact pins for these machines (pip takes them from local disk); pyproject.toml keeps ranges.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Exact pins: one pip constraints file per stack (launch/stacks/*.txt); pyproject.toml keeps ranges.
+# STACK=default: current torch (sm_75+ GPUs, CPUs). STACK=k80: torch 2.0.1, the newest with K80 kernels.
+# The stack is recorded in .venv (.installed-STACK): switching stacks rebuilds .venv.
+STACK ?= default
+STACK_PINS := launch/stacks/$(STACK).txt
+# What to install first under those pins; e.g. add `--index-url URL` for another CUDA build of them.
+TORCH_PINS ?= torch torchvision
 CONFIG ?= configs/mnist_mlp.yaml
 ARGS ?=
 
 .PHONY: install install-dev train test test-fast lint format bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(STACK): pyproject.toml $(wildcard $(STACK_PINS))
+	@test -f $(STACK_PINS) || { echo "error: STACK=$(STACK): no $(STACK_PINS) (stacks: $(notdir $(basename $(wildcard launch/stacks/*.txt))))" >&2; exit 2; }
+	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && ! test -f $@; then echo "$(VENV) holds another stack: rebuilding it for STACK=$(STACK)"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c $(STACK_PINS) $(TORCH_PINS)
+	$(PY) -m pip install --quiet -c $(STACK_PINS) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev-$(STACK): $(VENV)/.installed-$(STACK)
+	$(PY) -m pip install --quiet -c $(STACK_PINS) -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install: $(VENV)/.installed-$(STACK)
+install-dev: $(VENV)/.installed-dev-$(STACK)
 
 train: install
 	$(VENV)/bin/gan-ddp train --config $(CONFIG) $(ARGS)

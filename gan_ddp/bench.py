@@ -28,7 +28,7 @@ JSON keys (`--json PATH`, one flat object; figures are global over processes unl
   speedup             img_per_s / baseline_img_per_s (null without --baseline)
   img_per_s_best, baseline_img_per_s_best, speedup_best: the fastest of the --repeat windows (a shared
   machine's load only ever slows a window down)
-  plus context: config, batch_size, warmup, iters, repeat, compile, reuse_fake, baseline_threads,
+  plus context: config, batch_size, warmup, iters, repeat, compile, compile_mode, reuse_fake, baseline_threads,
   baseline_ms_per_iter, torch.
 """
 
@@ -516,6 +516,7 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
         "iters": n,
         "repeat": args.repeat,
         "compile": cfg.train.compile,
+        "compile_mode": cfg.train.compile_mode,
         "reuse_fake": cfg.train.reuse_fake,
         "torch": str(torch.__version__),
     }
@@ -605,6 +606,8 @@ def print_table(figures: dict[str, Any]) -> None:
         if key == "precision_reason":
             note = str(value)
         table.add_row(label, _format(key, value), f"{key}{': ' + note if note else ''}")
-    extra = ", ".join(f"{k}={figures[k]}" for k in ("warmup", "iters", "repeat", "compile", "reuse_fake", "torch"))
+    extra = ", ".join(
+        f"{k}={figures[k]}" for k in ("warmup", "iters", "repeat", "compile", "compile_mode", "reuse_fake", "torch")
+    )
     Console(highlight=False, soft_wrap=True).print(table)
     print(extra, flush=True)

@@ -10,7 +10,14 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 # Errors a user can fix: printed as one `error:` line, exit code 2, no traceback.
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "DistributedSetupError", "FileNotFoundError")
+USER_ERRORS = (
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "DistributedSetupError",
+    "FileNotFoundError",
+    "GPUSupportError",
+)
 # Not the user's doing, but one line says it better than a traceback from every rank.
 ONE_LINE_ERRORS = (*USER_ERRORS, "ConsistencyError")
 
@@ -50,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--between", type=int, nargs=2, metavar=("A", "B"), help="slerp from seed A to seed B")
     it.add_argument("--seed", type=int, default=0, help="seed of the sweep's base vectors")
     it.add_argument("--no-ema", action="store_true")
+    sub.add_parser(
+        "doctor",
+        help="what this machine can do: torch/CUDA/cuDNN, the build's GPU architectures, every GPU, "
+        "precision, NCCL, launch command (exit 2 when a GPU cannot be used)",
+    )
     from gan_ddp.bench import add_bench_parser, add_textbook_parser
     from gan_ddp.evaluate import add_eval_parsers
 
@@ -139,6 +151,12 @@ def cmd_train_evaluator(args: argparse.Namespace) -> int:
     return run_train_evaluator(args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from gan_ddp.doctor import run_doctor
+
+    return run_doctor()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gan_ddp.bench import run_bench
 
@@ -160,6 +178,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "train-evaluator": cmd_train_evaluator,
     "bench": cmd_bench,
+    "doctor": cmd_doctor,
     "textbook": cmd_textbook,
 }
 

@@ -25,10 +25,12 @@ def choose_precision(
     """Return (precision, reason). Pure, so the GPU branches are testable on a CPU box.
 
     CUDA: bf16 from compute capability 8.0 (A100, H100, A10G; same exponent range as fp32, no scaler);
-    below that fp16 with a gradient scaler (V100/T4 have fp16 tensor cores; K80 has none, fp16 only saves
-    memory there). CPU: bf16 autocast when the CPU has native bf16 dot products (AVX512-BF16/AMX): in
-    same-period A/B runs on this project's CPU machines it was 1.37-1.51x faster per step than fp32
-    (README, "Speed"); plain fp32 otherwise, because emulated bf16 is slower than fp32.
+    fp16 with a gradient scaler where fp16 arithmetic is fast: tensor cores from 7.0 (V100, T4) and the
+    P100's double-rate fp16 (6.0); fp32 everywhere else (K80 3.7, Maxwell 5.x, consumer Pascal 6.1/6.2,
+    where fp16 runs at a fraction of fp32's rate or is emulated). CPU: bf16 autocast when the CPU has
+    native bf16 dot products (AVX512-BF16/AMX): in same-period A/B runs on this project's CPU machines it
+    was 1.37-1.51x faster per step than fp32 (README, "Speed"); plain fp32 otherwise, because emulated
+    bf16 is slower than fp32.
     """
     if requested != "auto":
         if requested == "fp16" and device_type == "cpu":
@@ -42,7 +44,11 @@ def choose_precision(
         cc = f"{capability[0]}.{capability[1]}"
         if capability >= (8, 0):
             return "bf16", f"auto: CUDA compute capability {cc} >= 8.0 has native bf16"
-        return "fp16", f"auto: CUDA compute capability {cc} < 8.0: fp16 with a gradient scaler"
+        if capability >= (7, 0):
+            return "fp16", f"auto: CUDA compute capability {cc} has fp16 tensor cores: fp16 with a gradient scaler"
+        if capability == (6, 0):
+            return "fp16", "auto: CUDA compute capability 6.0 (P100) has double-rate fp16: fp16 with a gradient scaler"
+        return "no", f"auto: CUDA compute capability {cc} has neither bf16 nor fast fp16: fp32"
     if cpu_has_bf16:
         return "bf16", "auto: CPU with native bf16 (AVX512-BF16/AMX), measured faster than fp32"
     return "no", "auto: CPU without native bf16: fp32"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
+from gan_ddp import compat
 from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
@@ -32,6 +33,7 @@ from gan_ddp.distributed import (
     make_accelerator,
     want_cpu,
 )
+from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.models import build_models, count_parameters, couples_batch, model_signature
@@ -60,10 +62,24 @@ def resolve_precision(requested: str) -> tuple[str, str]:
     return choose_precision(requested, "cuda", capability=torch.cuda.get_device_capability())
 
 
+def compile_models(G: torch.nn.Module, D: torch.nn.Module, mode: str, device_type: str):
+    """torch.compile G and D; `reduce-overhead` also replays them as CUDA graphs (no launch overhead)."""
+    why_not = compat.compile_unsupported()
+    if why_not:
+        raise ConfigError(f"train.compile: {why_not}; set train.compile=false")
+    if mode == "reduce-overhead" and device_type != "cuda":
+        raise ConfigError(
+            "train.compile_mode: reduce-overhead captures CUDA graphs and needs a GPU; on CPU use "
+            "train.compile_mode=default (or train.compile=false)"
+        )
+    return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.created = time.monotonic()  # train.max_seconds counts set-up too, as a job's time limit does
         self.cfg = cfg
+        check_gpu_kernels()  # a GPU this torch build has no kernels for: one line now, not a crash mid-run
         self.precision, self.precision_reason = resolve_precision(cfg.train.precision)
         self.accelerator = acc = make_accelerator(self.precision)
         check_distributed(acc.num_processes)
@@ -118,15 +134,17 @@ class Trainer:
         self.ema = GeneratorEMA(G, cfg.ema.decay, cfg.ema.rampup) if cfg.ema.enabled else None
         if self.ema is not None:
             self.ema.shadow.to(self.device)
-        fused = self.device.type in ("cuda", "cpu")
+        fused = compat.fused_adam(self.device.type)
         opt_g = torch.optim.Adam(
             G.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused
         )
         opt_d = torch.optim.Adam(
             D.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused
         )
+        self.cuda_graphs = False
         if cfg.train.compile:
-            G, D = torch.compile(G), torch.compile(D)
+            G, D = compile_models(G, D, cfg.train.compile_mode, self.device.type)
+            self.cuda_graphs = cfg.train.compile_mode == "reduce-overhead"
         self.G, self.D, self.opt_g, self.opt_d, self.loader = acc.prepare(G, D, opt_g, opt_d, loader)
         self.G_raw = acc.unwrap_model(self.G)
         self.D_raw = acc.unwrap_model(self.D)
@@ -158,7 +176,8 @@ class Trainer:
         # resumed by M still averages exactly the steps it holds.
         self.window = torch.zeros(6, device=self.device, dtype=torch.float64)
         self.window_steps = 0
-        self.skipped = [0, 0]  # fp16: optimizer steps the gradient scaler skipped (D, G)
+        # fp16: optimizer steps the gradient scaler skipped (D, G), counted on the device (no sync per step)
+        self.skipped = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
         self.stop = StopRequest()
@@ -204,8 +223,7 @@ class Trainer:
             loss = loss + cfg.gp_weight * gradient_penalty(self.D, real, fake.detach())
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        self.opt_d.step()
-        self.skipped[0] += int(self.opt_d.step_was_skipped)
+        self._step_and_count_skip(self.opt_d, 0)
         score_real, score_fake = d_scores(real_logits, fake_logits)
         return loss.detach(), score_real, score_fake
 
@@ -218,15 +236,32 @@ class Trainer:
                 loss = g_loss(self.cfg.loss.kind, self.D_raw(fake))
             self.opt_g.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
-            self.opt_g.step()
-            self.skipped[1] += int(self.opt_g.step_was_skipped)
+            self._step_and_count_skip(self.opt_g, 1)
         finally:
             self.D_raw.requires_grad_(True)
         if self.ema is not None:
             self.ema.update(self.G_raw)
         return loss.detach()
 
+    def _step_and_count_skip(self, optimizer, which: int) -> None:
+        """optimizer.step(), counting a step the fp16 gradient scaler skipped into self.skipped[which].
+
+        Accelerate's `step_was_skipped` sees only skips where the scaler did not call `optimizer.step`. A
+        fused Adam is always called: it reads found-inf on the device and skips inside its kernel. So a
+        step also counts as skipped when the scaler's update lowered the scale, which GradScaler does
+        exactly when it found inf/NaN gradients (it grows the scale, or keeps it, otherwise). Both tests
+        stay on the device: no host sync per step."""
+        scaler = self.accelerator.scaler
+        before = scaler._scale.clone() if scaler is not None and scaler._scale is not None else None
+        optimizer.step()
+        if optimizer.step_was_skipped:
+            self.skipped[which] += 1
+        elif before is not None:
+            self.skipped[which] += (scaler._scale < before).sum()
+
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
+        if self.cuda_graphs:  # last step's graph outputs (fake, logits) are dead: their memory may be reused
+            compat.cudagraph_mark_step_begin()
         real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
         with self.accelerator.autocast():
             fake = self.G(self.noise(step, 0))  # (b, 1, 28, 28)
@@ -264,7 +299,7 @@ class Trainer:
         if self.precision == "fp16":
             scaler = self.accelerator.scaler
             metrics["amp/scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
-            metrics["amp/skipped_d"], metrics["amp/skipped_g"] = self.skipped
+            metrics["amp/skipped_d"], metrics["amp/skipped_g"] = self.skipped.tolist()
         self.window.zero_()
         self.window_steps = 0
         return metrics
@@ -342,7 +377,7 @@ class Trainer:
             "precision": self.precision,
             "ema": self.ema is not None,
             "window": {"sums": window_sums, "steps": self.window_steps},
-            "skipped": self.skipped,
+            "skipped": self.skipped.tolist(),
             "time_s": self.elapsed(),
             "data": self.data_info.as_dict(),
         }
@@ -416,7 +451,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{found}: ema.safetensors is missing")
             self.ema.load_state_dict({k[len("ema.") :]: v.to(self.device) for k, v in ema_state.items()})
         self.step = state["step"]
-        self.skipped = list(state["skipped"])
+        self.skipped = torch.tensor(state["skipped"], dtype=torch.int64, device=self.device)
         self.time_before = float(state.get("time_s", 0.0))
         if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
             sums = list(state["window"]["sums"])

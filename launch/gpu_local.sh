@@ -8,7 +8,8 @@
 #   NGPUS      processes, one per GPU (default: the GPUs in CUDA_VISIBLE_DEVICES,
 #              else every GPU `nvidia-smi -L` lists)
 #   PRECISION  auto (default) | no | fp16 | bf16. auto: the trainer picks (bf16 on
-#              compute capability >= 8.0, fp16 + GradScaler below). Anything else
+#              compute capability >= 8.0, fp16 + GradScaler on 7.x and 6.0, fp32
+#              below, e.g. K80; docs/gpus.md). Anything else
 #              is passed as both --mixed_precision and train.precision=... (after
 #              your arguments, so it wins).
 #   MASTER_PORT  rendezvous port (default 0 = any free port)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gan_ddp import bench
+from gan_ddp.compat import compile_unsupported
 from gan_ddp.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +190,7 @@ def _one_step(mnist_root: Path, run_dir: Path, compile_: bool) -> tuple[list[flo
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(bool(compile_unsupported()), reason=f"torch.compile unavailable: {compile_unsupported()}")
 def test_compile_on_and_off_agree(mnist_root: Path, tmp_path: Path) -> None:
     """One real train_step of the MLP from identical weights, with and without torch.compile."""
     eager_stats, eager = _one_step(mnist_root, tmp_path / "eager", compile_=False)

@@ -382,3 +382,13 @@ def test_config_from_dict_refuses_unknown_keys() -> None:
         config_from_dict(data)
     assert "train.bach_size" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_compile_mode_is_a_choice_and_needs_compile() -> None:
+    cfg = load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    assert cfg.train.compile_mode == "reduce-overhead"
+    assert load_config(None, []).train.compile_mode == "default"
+    message = config_error(None, ["train.compile=true", "train.compile_mode=cudagraphs"])
+    assert "train.compile_mode: 'cudagraphs' is not allowed" in message and "reduce-overhead" in message
+    message = config_error(None, ["train.compile_mode=reduce-overhead"])
+    assert message == "train.compile_mode: reduce-overhead needs train.compile=true"

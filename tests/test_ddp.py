@@ -217,12 +217,19 @@ def test_guard_refuses_a_launch_that_would_train_alone(tmp_path):
     script.write_text(
         textwrap.dedent(
             """
-            import sys
+            import os, sys
             import accelerate
             original = accelerate.Accelerator.__init__
+            LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
             def without_cpu(self, *args, **kwargs):  # what a plain Accelerator() does without GPUs
                 kwargs["cpu"] = False
-                original(self, *args, **kwargs)
+                # Accelerate <= 1.10 (the K80 stack) sets up MULTI_CPU even so; hiding the launcher's
+                # variables while it builds its state gives the same failure state on every version.
+                saved = {k: os.environ.pop(k) for k in LAUNCH if k in os.environ}
+                try:
+                    original(self, *args, **kwargs)
+                finally:
+                    os.environ.update(saved)
             accelerate.Accelerator.__init__ = without_cpu
             from gan_ddp.cli import main
             sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ launch guard, and fp16's skipped-step accounting with a mocked gradient scaler."
 from __future__ import annotations
 
 import pytest
+import torch
 from _runs import MNIST, SMOKE
 
 from gan_ddp.config import ConfigError, load_config
@@ -12,14 +13,17 @@ from gan_ddp.distributed import DistributedSetupError, check_distributed, choose
 
 @pytest.mark.parametrize(
     ("capability", "expected"),
-    [((3, 7), "fp16"), ((6, 0), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"),
-     ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
-    ids=["K80", "P100", "V100", "T4", "A100", "A10G", "H100"],
+    [((3, 7), "no"), ((5, 2), "no"), ((6, 0), "fp16"), ((6, 1), "no"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+     ((8, 0), "bf16"), ((8, 6), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16"), ((10, 0), "bf16")],
+    ids=["K80", "M60", "P100", "P40-GTX1080", "V100", "T4", "A100", "A10G", "L4", "H100", "B200"],
 )  # fmt: skip
 def test_auto_precision_by_compute_capability(capability, expected):
+    """bf16 from 8.0; fp16 + scaler where fp16 is fast (tensor cores from 7.0, P100's 6.0); fp32 below."""
     precision, reason = choose_precision("auto", "cuda", capability=capability)
     assert precision == expected
     assert f"{capability[0]}.{capability[1]}" in reason
+    assert ("gradient scaler" in reason) == (expected == "fp16")
+    assert reason.endswith("fp32") == (expected == "no")
 
 
 def test_auto_precision_on_cpu_follows_native_bf16():
@@ -64,7 +68,50 @@ def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
     for step, batch in zip(range(1, 5), trainer.loader, strict=False):
         trainer.train_step(batch, step)
         trainer.window_steps += 1
-    assert trainer.skipped == [4, 2]  # D every step, G every second step (d_steps=2)
+    assert trainer.skipped.tolist() == [4, 2]  # D every step, G every second step (d_steps=2)
     metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
     assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"]) == (4, 2)
     assert "amp/scale" in metrics
+
+
+def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
+    """A fused Adam under a GradScaler is always called (it skips inside its kernel), so Accelerate's
+    step_was_skipped stays False; the trainer also counts a step whose update lowered the scale. Here a
+    stand-in scaler backs off at every second D step and never at G steps."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_ddp.trainer import Trainer
+
+    class BackingOffScaler:  # what GradScaler does to its scale tensor, without CUDA
+        def __init__(self, opt_d):
+            self._scale = torch.full((1,), 65536.0)
+            self.opt_d, self.d_steps = opt_d, 0
+
+        def scale(self, loss):
+            return loss
+
+        def get_scale(self):
+            return float(self._scale)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    cfg = load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    trainer.precision = "fp16"
+    scaler = BackingOffScaler(trainer.opt_d)
+    trainer.accelerator.scaler = scaler
+    d_step = trainer.opt_d.step
+
+    def d_step_that_overflows_every_second_time(*args, **kwargs):
+        d_step(*args, **kwargs)
+        scaler.d_steps += 1
+        if scaler.d_steps % 2 == 0:
+            scaler._scale *= 0.5  # GradScaler.update after found-inf
+
+    trainer.opt_d.step = d_step_that_overflows_every_second_time
+    for step, batch in zip(range(1, 7), trainer.loader, strict=False):
+        trainer.train_step(batch, step)
+        trainer.window_steps += 1
+    assert trainer.skipped.tolist() == [3, 0]
+    metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
+    assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"], metrics["amp/scale"]) == (3, 0, 65536.0 / 8)

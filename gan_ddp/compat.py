@@ -1,0 +1,91 @@
+"""Differences between the torch versions gan-ddp supports, in one place.
+
+Two stacks are installed and tested (`launch/stacks/*.txt`): current torch, and torch 2.0.1 (`STACK=k80`),
+the newest PyPI build that still carries sm_37 kernels for the K80. Code elsewhere asks this module what
+the running torch can do instead of comparing versions itself; each guard says which version added what.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.torch_version import TorchVersion
+
+TORCH = TorchVersion(torch.__version__)  # compares with strings: TORCH >= "2.4"; local tags (+cu117) ignored
+MIN_TORCH = "2.0"  # what pyproject.toml allows: torch 2.0 is the oldest release any stack uses
+
+
+def _version(version: str | None) -> TorchVersion:
+    return TORCH if version is None else TorchVersion(version)
+
+
+def fused_adam(device_type: str, version: str | None = None) -> bool:
+    """Whether `torch.optim.Adam(fused=True)` runs on this device type: CUDA since torch 2.0, CPU since 2.4
+    (2.0 raises "`fused=True` requires all the params to be floating point Tensors of supported devices")."""
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and _version(version) >= "2.4"
+
+
+def compile_unsupported(version: str | None = None, python: tuple[int, int] | None = None) -> str | None:
+    """Why `torch.compile` cannot run here, or None when it can. TorchDynamo follows CPython's frame
+    evaluation API, so each torch release supports a range of Pythons: 2.0 stops at 3.10 (3.11 came in 2.1)."""
+    py = python or sys.version_info[:2]
+    if _version(version) < "2.1" and py >= (3, 11):
+        return f"torch {_version(version)} supports torch.compile only up to Python 3.10 (this is {py[0]}.{py[1]})"
+    if version is None and python is None:  # the running interpreter: ask Dynamo itself where it can tell
+        try:
+            from torch._dynamo.eval_frame import check_if_dynamo_supported
+
+            check_if_dynamo_supported()
+        except ImportError:
+            pass
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0]
+    return None
+
+
+def cudagraph_mark_step_begin() -> None:
+    """Tell torch.compile's CUDA-graph trees that a new training step starts, so outputs of the previous
+    step's graphs may be overwritten (torch >= 2.1; 2.0's reduce-overhead mode has no such marker)."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
+
+
+def cuda_arch_flags() -> list[str]:
+    """The GPU architectures this torch build has kernels for (`sm_XY`, plus `compute_XY` PTX), read from
+    the build without touching a GPU. Empty for CPU-only builds."""
+    if not torch.backends.cuda.is_built():
+        return []
+    getter = getattr(torch._C, "_cuda_getArchFlags", None)
+    flags = getter() if getter is not None else ""
+    return flags.split() if flags else list(torch.cuda.get_arch_list())
+
+
+def _cpu_set_device(device: object) -> None:
+    """torch >= 2.1's `torch.cpu.set_device`: a CPU has one device, nothing to select."""
+
+
+# torch.cpu's device-module functions as torch 2.1 defines them (trivial: a CPU is one device).
+CPU_DEVICE_MODULE = {
+    "device_count": lambda: 1,
+    "set_device": _cpu_set_device,
+    "current_device": lambda: "cpu",
+    "is_available": lambda: True,
+    "synchronize": lambda device=None: None,
+}
+
+
+def install_shims() -> None:
+    """Fill the gaps of old torch that libraries we use step into. Idempotent; never replaces a real one.
+
+    Accelerate (checked 0.34 to 1.15) treats `torch.cpu` as a device module when it sets up a
+    multi-process CPU run (`PartialState.set_device` calls `device_count()` and `set_device()`); torch
+    added those functions in 2.1. Without them `torchrun --nproc_per_node N` fails on torch 2.0 (the K80
+    stack) before training starts. A shim is smaller and safer than pinning an Accelerate old enough not
+    to call them (those predate `use_seedable_sampler` and the loader's `set_epoch`, which we rely on)."""
+    for name, function in CPU_DEVICE_MODULE.items():
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, function)
