@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
+from gan_ddp import guard, runlock
 from gan_ddp.config import Config, ConfigError, config_from_dict, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import ImageTensorDataset, load_arrays, make_train_loader, normalize
@@ -42,16 +43,29 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command aga
 # torchrun and `accelerate launch` turn a worker's 75 into their own exit code 1: on preemption the main
 # process also writes this file into run.dir (removed when the run starts again), for job scripts.
 PREEMPTED_MARKER = "PREEMPTED"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C stops like a preemption
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
+# A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again
+# a few ms later: a second SIGINT aborts only if it comes later than this after the first.
+SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 @dataclass
 class StopRequest:
     signal: int = 0  # the signal number received, 0 if none
+    at: float = 0.0  # when (time.monotonic)
+    announce: bool = False  # the main process says what a Ctrl-C does
 
     def handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        now = time.monotonic()
+        if self.signal and signum == signal.SIGINT:
+            if now - self.at > SECOND_INTERRUPT_AFTER_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: abort at once, no checkpoint
+            return
+        if not self.signal:
+            self.signal, self.at = signum, now
+            if self.announce and signum == signal.SIGINT:  # os.write: no Python-level lock inside a handler
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint; Ctrl-C again aborts at once\n")
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -78,6 +92,12 @@ def load_generator_from_run(run_dir: Path, checkpoint: Path | None = None, use_e
         generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
     else:
         generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    names, bad = guard.nonfinite_tensors({"G": generator})
+    if bool(bad.any()):  # written before the divergence guard existed: it would give blank images
+        raise ckpt.CheckpointError(
+            f"{checkpoint}: non-finite weights ({names[int(bad.argmax())]}): the run diverged before this "
+            "checkpoint; pick an earlier one with --checkpoint"
+        )
     return generator.eval(), cfg, checkpoint
 
 
@@ -94,7 +114,7 @@ class Trainer:
         self.created = time.monotonic()  # train.max_seconds counts set-up too, as a job's time limit does
         self.cfg = cfg
         self.precision, self.precision_reason = resolve_precision(cfg.train.precision)
-        self.accelerator = acc = make_accelerator(self.precision)
+        self.accelerator = acc = make_accelerator(self.precision, timeout_s=cfg.train.collective_timeout_s)
         check_distributed(acc.num_processes)
         self.world = acc.num_processes
         self.rank = acc.process_index
@@ -103,6 +123,7 @@ class Trainer:
         self.console = TrainingConsole(enabled=self.is_main)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_lock = self._lock_run_dir()  # before anything reads or writes the run directory
 
         if self.device.type == "cpu":
             # Processes sharing a machine split its cores; oversubscription costs more than it gains.
@@ -180,11 +201,30 @@ class Trainer:
         self.skipped = [0, 0]  # fp16: optimizer steps the gradient scaler skipped (D, G)
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
-        self.stop = StopRequest()
+        self.stop = StopRequest(announce=self.is_main)
         self.consistency_checks = 0
         self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
         self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
+
+    def _lock_run_dir(self) -> runlock.RunLock | None:
+        """The main process takes the run directory's lock; the other processes learn the outcome, so that
+        all of them stop at once when another training holds it."""
+        failure: Exception | None = None
+        lock = None
+        if self.is_main:
+            try:
+                lock = runlock.acquire(self.run_dir, warn=self.console.print)
+            except (runlock.RunLockError, OSError) as exc:
+                failure = exc
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            if broadcast_object_list([str(failure) if failure else ""])[0] and failure is None:
+                raise runlock.RunLockError("the main process could not lock run.dir (see its error line)")
+        if failure is not None:
+            raise failure
+        return lock
 
     def elapsed(self) -> float:
         """Wall seconds this run has trained, set-up included, summed over resumed sessions (`time_s`)."""
@@ -278,8 +318,9 @@ class Trainer:
 
     def _write_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
+            line = json.dumps(guard.strict_json(metrics), allow_nan=False)  # NaN/inf as null: strict JSON
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")  # closed (flushed) per line: a crash loses nothing logged
+                f.write(line + "\n")  # closed (flushed) per line: a crash loses nothing logged
             self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
 
     def _rewind_metrics(self, step: int) -> None:
@@ -360,6 +401,8 @@ class Trainer:
         """Collective. Ranks' BN statistics are averaged first so the checkpoint (rank 0's) speaks for all."""
         t0 = time.monotonic()
         average_buffers(self.accelerator, [self.G_raw, self.D_raw])
+        models = {"G": self.G_raw, "D": self.D_raw, **({"EMA": self.ema.shadow} if self.ema is not None else {})}
+        guard.check_weights(self.accelerator, models, self.step)  # never checkpoint (nor rotate for) NaN weights
         self.consistency_checks += bool(self.check_consistency(buffers=True))  # just averaged
         # The open metrics window spans the checkpoint: keep its global sums so a resume logs the same line.
         sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
@@ -406,6 +449,9 @@ class Trainer:
                 "weights, optimizers and the data order continue exactly (they depend on the global batch); "
                 "per-process random streams (dropout) do not match an unbroken run"
             )
+        # Accelerate would skip an unreadable RNG file silently, and a pickle refused by weights_only would
+        # surface as a traceback: check every file first, naming it.
+        ckpt.check_loadable(found, min(state["world_size"], self.world))
         self.accelerator.load_state(str(found))
         if self.ema is not None:
             ema_state = ckpt.load_ema(found)
@@ -440,6 +486,13 @@ class Trainer:
         return "time" if timeout else None
 
     def train(self) -> int:
+        try:
+            return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> int:
         cfg, acc = self.cfg, self.accelerator
         if self.is_main:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -488,11 +541,13 @@ class Trainer:
                 if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
                 self._finish_artifacts()
-        except BaseException:
+        except BaseException as exc:
             # W&B and the process group are closed on errors too: an unfinished W&B run can hang the exit.
             self.console.stop()
             self.tracker.finish(1)
             self.accelerator.end_training()
+            if isinstance(exc, guard.DivergenceError):
+                raise guard.DivergenceError(f"training diverged at {exc}; {self._resume_point()}") from None
             raise
         finally:
             for s, h in previous.items():
@@ -526,6 +581,7 @@ class Trainer:
                     self._write_metrics(metrics)
                     self.console.log(metrics, self.total_steps, self.cfg.train.max_seconds)
                     self.last_metrics = metrics
+                    guard.check_metrics(metrics)  # after the line is written: metrics.jsonl shows the null
                     if cfg.train.check_consistency:
                         self.consistency_checks += bool(self.check_consistency(buffers=False))
                 paused = time.monotonic()
@@ -560,9 +616,19 @@ class Trainer:
             metrics = self._flush_metrics(self.step // self.steps_per_epoch, time.monotonic() - window_start)
             self._write_metrics(metrics)
             self.last_metrics = metrics
+            guard.check_metrics(metrics)
         if self.step % cfg.log.sample_every:
             self._save_grid()
         return EXIT_OK, "done"
+
+    def _resume_point(self) -> str:
+        complete = [p for p in ckpt.list_checkpoints(self.ckpt_root) if (p / ckpt.MANIFEST).is_file()]
+        if not complete:
+            return "no checkpoint was written; lower optim.lr_d / optim.lr_g (or change the config) and rerun"
+        return (
+            f"nothing non-finite was checkpointed; the newest checkpoint, {complete[-1]}, is the resume point: "
+            "lower optim.lr_d / optim.lr_g (or change the config) and rerun"
+        )
 
     def _finish_artifacts(self) -> None:
         """Plots and the progress animation, from the files (so a resumed run's cover the whole run)."""
