@@ -197,8 +197,9 @@ def check_loadable(directory: Path, world_size: int) -> None:
         try:
             loaded = load(path, map_location="cpu")
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: refused by safe loading (torch.load weights_only=True): {first}") from None
+            raise CheckpointError(
+                f"{path}: fails safe loading (torch.load weights_only=True): {_reason(exc)}"
+            ) from None
         if path.name.startswith("random_states_") and not (
             isinstance(loaded, dict) and {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(loaded)
         ):
@@ -206,3 +207,12 @@ def check_loadable(directory: Path, world_size: int) -> None:
     for rank in range(world_size):
         if not (directory / f"random_states_{rank}.pkl").is_file():
             raise CheckpointError(f"{directory}: random_states_{rank}.pkl is missing (process {rank}'s RNG state)")
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of torch's multi-paragraph weights_only error ("Trying to load unsupported
+    GLOBAL posix.system ...", "Unsupported operand 149"), else its first line."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(exc).__name__])[0]
