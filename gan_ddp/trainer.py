@@ -453,6 +453,7 @@ class Trainer:
         # surface as a traceback: check every file first, naming it.
         ckpt.check_loadable(found, min(state["world_size"], self.world))
         self.accelerator.load_state(str(found))
+        self._apply_config_lr()
         if self.ema is not None:
             ema_state = ckpt.load_ema(found)
             if ema_state is None:
@@ -469,6 +470,16 @@ class Trainer:
         self.window_steps = state["window"]["steps"]
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")
+
+    def _apply_config_lr(self) -> None:
+        """The optimizers' state_dicts carry their learning rates; the config wins, so that a run that
+        diverged can resume from its last finite checkpoint with a lower optim.lr_d / optim.lr_g."""
+        for name, opt, lr in (("lr_d", self.opt_d, self.cfg.optim.lr_d), ("lr_g", self.opt_g, self.cfg.optim.lr_g)):
+            saved = opt.param_groups[0]["lr"]
+            if saved != lr:
+                self.console.print(f"note: optim.{name} is {lr:g} from the config (the checkpoint had {saved:g})")
+                for group in opt.param_groups:
+                    group["lr"] = lr
 
     # ------------------------------------------------------------------ the loop
     def _should_stop(self, started: float, step_seconds: float) -> str | None:

@@ -151,9 +151,11 @@ def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsy
     if log_every == 1:
         assert strict_lines(run)[-1]["loss/d"] is None  # the line that showed it, as strict JSON
 
-    monkeypatch.setattr(Trainer, "train_step", original)  # the fix (a lower lr, here: no fault) resumes from 6
-    code, out, _ = cli_inproc(train_cmd(run, *overrides), capsys)
+    monkeypatch.setattr(Trainer, "train_step", original)  # the fix: a lower lr, and no more fault
+    code, out, _ = cli_inproc(train_cmd(run, *overrides, "optim.lr_d=1e-4"), capsys)
     assert code == 0 and "resumed from" in out and "step 6)" in out
+    assert "optim.lr_d is 0.0001 from the config (the checkpoint had 0.0002)" in out
+    assert metric_lines(run)[-1]["lr/d"] == 1e-4
     assert [m["step"] for m in metric_lines(run)] == sorted({m["step"] for m in metric_lines(run)})
 
 
