@@ -122,6 +122,12 @@ class TrainConfig:
     # Seconds a process waits in a collective for the others before it fails with one line (a stalled
     # rank: stopped, swapping, stuck on I/O). Covers set-up waits too (download, evaluator training).
     collective_timeout_s: float = 600.0
+    # Non-finite losses or weights (docs/faults.md): `stop` (exit 3, the newest checkpoint is the resume
+    # point) or `rollback`: reload the newest checkpoint, multiply both learning rates by
+    # rollback_lr_factor and go on, at most max_rollbacks times in the run, then stop.
+    on_nonfinite: str = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         if self.precision == "False":  # YAML 1.1 reads a bare `no` as false; the field's type makes it "False"
@@ -132,6 +138,10 @@ class TrainConfig:
         _positive("train.max_seconds", self.max_seconds, allow_none=True)
         _positive("train.threads", self.threads, allow_none=True)
         _positive("train.collective_timeout_s", self.collective_timeout_s)
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "rollback"))
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise ConfigError(f"train.rollback_lr_factor: {self.rollback_lr_factor} is not allowed; must be in (0, 1)")
+        _positive("train.max_rollbacks", self.max_rollbacks, allow_zero=True)
         _choice("train.precision", self.precision, ("auto", "no", "fp16", "bf16"))
         if not self.resume:
             raise ConfigError("train.resume: empty is not allowed; use auto, never or a checkpoint path")

@@ -206,6 +206,8 @@ class Trainer:
         self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
         self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
+        self.lr_scale = 1.0  # train.on_nonfinite=rollback: product of the rollbacks' lr factors (checkpointed)
+        self.rollbacks = 0
 
     def _lock_run_dir(self) -> runlock.RunLock | None:
         """The main process takes the run directory's lock; the other processes learn the outcome, so that
@@ -392,6 +394,8 @@ class Trainer:
             "window": {"sums": window_sums, "steps": self.window_steps},
             "skipped": self.skipped,
             "time_s": self.elapsed(),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
         }
 
     def check_consistency(self, buffers: bool) -> int:
@@ -413,8 +417,8 @@ class Trainer:
         self.save_seconds = time.monotonic() - t0
         return path
 
-    def resume(self) -> None:
-        mode = self.cfg.train.resume
+    def resume(self, rollback_to: Path | None = None) -> None:
+        mode = self.cfg.train.resume if rollback_to is None else str(rollback_to)
         if mode == "never":
             return
         if mode == "auto":
@@ -453,7 +457,6 @@ class Trainer:
         # surface as a traceback: check every file first, naming it.
         ckpt.check_loadable(found, min(state["world_size"], self.world))
         self.accelerator.load_state(str(found))
-        self._apply_config_lr()
         if self.ema is not None:
             ema_state = ckpt.load_ema(found)
             if ema_state is None:
@@ -462,6 +465,8 @@ class Trainer:
         self.step = state["step"]
         self.skipped = list(state["skipped"])
         self.time_before = float(state.get("time_s", 0.0))
+        self.lr_scale, self.rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
+        self._apply_config_lr(quiet=rollback_to is not None)
         if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
             sums = list(state["window"]["sums"])
             if len(sums) == 5:  # saved before the window held per-step means: plain sums over processes
@@ -471,15 +476,39 @@ class Trainer:
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")
 
-    def _apply_config_lr(self) -> None:
-        """The optimizers' state_dicts carry their learning rates; the config wins, so that a run that
-        diverged can resume from its last finite checkpoint with a lower optim.lr_d / optim.lr_g."""
+    def _apply_config_lr(self, quiet: bool = False) -> None:
+        """The optimizers' state_dicts carry their learning rates; the config wins (times the rollbacks'
+        factor), so that a run that diverged can resume from its last finite checkpoint with a lower
+        optim.lr_d / optim.lr_g."""
         for name, opt, lr in (("lr_d", self.opt_d, self.cfg.optim.lr_d), ("lr_g", self.opt_g, self.cfg.optim.lr_g)):
-            saved = opt.param_groups[0]["lr"]
+            saved, lr = opt.param_groups[0]["lr"], lr * self.lr_scale
             if saved != lr:
-                self.console.print(f"note: optim.{name} is {lr:g} from the config (the checkpoint had {saved:g})")
+                if not quiet:
+                    scaled = f" x {self.lr_scale:g} after rollbacks" if self.lr_scale != 1.0 else ""
+                    self.console.print(
+                        f"note: optim.{name} is {lr:g} from the config{scaled} (the checkpoint had {saved:g})"
+                    )
                 for group in opt.param_groups:
                     group["lr"] = lr
+
+    def _rollback(self, exc: guard.DivergenceError) -> bool:
+        """train.on_nonfinite=rollback: back to the newest checkpoint (finite by construction) with lower
+        learning rates. Every rank saw the same divergence, so every rank rolls back alike."""
+        t = self.cfg.train
+        complete = [p for p in ckpt.list_checkpoints(self.ckpt_root) if (p / ckpt.MANIFEST).is_file()]
+        if t.on_nonfinite != "rollback" or self.rollbacks >= t.max_rollbacks or not complete:
+            return False
+        elapsed, rollbacks, scale = self.elapsed(), self.rollbacks + 1, self.lr_scale  # the checkpoint's are older
+        self.window.zero_()  # holds the non-finite sums; the checkpoint's window replaces it on the main process
+        self.resume(rollback_to=complete[-1])
+        self.rollbacks, self.lr_scale = rollbacks, scale * t.rollback_lr_factor  # each rollback lowers them further
+        self._apply_config_lr(quiet=True)
+        self.time_before = elapsed - (time.monotonic() - self.created)  # time_s keeps counting
+        self.console.print(
+            f"warning: training diverged at {exc}; rolled back to step {self.step} with learning rates x "
+            f"{self.lr_scale:g} (rollback {rollbacks} of {t.max_rollbacks}, train.on_nonfinite=rollback)"
+        )
+        return True
 
     # ------------------------------------------------------------------ the loop
     def _should_stop(self, started: float, step_seconds: float) -> str | None:
@@ -542,7 +571,13 @@ class Trainer:
         )
         self.console.start(self.total_steps, self.step)
         try:
-            exit_code, reason = self._loop(started)
+            while True:
+                try:
+                    exit_code, reason = self._loop(started)
+                    break
+                except guard.DivergenceError as exc:
+                    if not self._rollback(exc):
+                        raise
             if self.world > 1:
                 self.console.print(
                     f"DDP consistency check passed {self.consistency_checks} time(s): "
@@ -558,7 +593,8 @@ class Trainer:
             self.tracker.finish(1)
             self.accelerator.end_training()
             if isinstance(exc, guard.DivergenceError):
-                raise guard.DivergenceError(f"training diverged at {exc}; {self._resume_point()}") from None
+                after = f" (after {self.rollbacks} rollback(s))" if self.rollbacks else ""
+                raise guard.DivergenceError(f"training diverged at {exc}{after}; {self._resume_point()}") from None
             raise
         finally:
             for s, h in previous.items():

@@ -102,7 +102,8 @@ def wait_for(predicate, seconds: float = 180) -> None:
 @pytest.mark.parametrize(
     "override",
     ["optim.lr_d=inf", "optim.lr_g=nan", "optim.beta1=nan", "train.max_seconds=inf", "loss.gp_weight=nan",
-     "model.leaky_slope=inf", "train.collective_timeout_s=nan", "loss.real_label=nan", "ema.decay=nan"],
+     "model.leaky_slope=inf", "train.collective_timeout_s=nan", "loss.real_label=nan", "ema.decay=nan",
+     "train.rollback_lr_factor=nan"],
 )  # fmt: skip
 def test_config_rejects_non_finite_floats_naming_the_key(override):
     key = override.split("=")[0]
@@ -157,6 +158,42 @@ def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsy
     assert "optim.lr_d is 0.0001 from the config (the checkpoint had 0.0002)" in out
     assert metric_lines(run)[-1]["lr/d"] == 1e-4
     assert [m["step"] for m in metric_lines(run)] == sorted({m["step"] for m in metric_lines(run)})
+
+
+@needs_data
+@pytest.mark.parametrize("persistent", [False, True], ids=["recovers", "rollbacks exhausted"])
+def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
+    run = tmp_path / "run"
+    overrides = ("checkpoint.every=2", "checkpoint.keep=2", "train.steps=12", "log.every=1",
+                 "train.on_nonfinite=rollback", "train.max_rollbacks=2")  # fmt: skip
+    original, faults_left = Trainer.train_step, [3 if persistent else 1]
+
+    def diverging(self, batch, step):
+        original(self, batch, step)
+        if step == 7 and faults_left[0]:
+            faults_left[0] -= 1
+            with torch.no_grad():
+                self.G_raw.net[0].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    code, out, err = cli_inproc(train_cmd(run, *overrides), capsys)
+    assert "rolled back to step 6 with learning rates x 0.5 (rollback 1 of 2" in out
+    kept = ckpt.list_checkpoints(run / "checkpoints")
+    assert all(all_finite(p) for p in kept)
+    lines = strict_lines(run)
+    assert [m["step"] for m in lines] == list(range(1, lines[-1]["step"] + 1))  # the rolled-back lines are gone
+    if persistent:
+        assert code == faults.EXIT_DIVERGED and "x 0.25 (rollback 2 of 2" in out
+        assert "diverged at step 8: loss/d is nan (mean since the previous log line) (after 2 rollback(s))" in (
+            one_error_line(err)
+        )
+        assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
+    else:
+        assert code == 0, err
+        assert lines[-1]["step"] == 12 and lines[-1]["lr/d"] == lines[-1]["lr/g"] == 1e-4
+        assert json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["lr_scale"] == 0.5
+        times = [m["time_s"] for m in lines]
+        assert times == sorted(times)
 
 
 @needs_data
@@ -387,7 +424,8 @@ def test_divergence_under_torchrun_is_one_line_not_a_consistency_failure(tmp_pat
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert output.count("error: training diverged at step 1: non-finite weights in") == 1, output[-3000:]
-    assert "differs between rank" not in output and "Traceback" not in output
+    assert "differs between rank" not in output and "DivergenceError" not in output  # torchrun has its own traceback
+    assert "exitcode  : 3" in output
     assert not ckpt.list_checkpoints(run / "checkpoints")
 
 
