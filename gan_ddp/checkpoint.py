@@ -133,7 +133,26 @@ def clean_temporaries(root: Path) -> None:
 
 
 def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensors: dict[str, Any] | None) -> Path:
-    """Collective: every process must call it. Returns the final directory."""
+    """Collective: every process must call it. Returns the final directory.
+
+    A failure while writing (disk full, read-only filesystem, permissions) removes the half-written
+    `.tmp-*` directory and raises an OSError that names it and its errno, whatever the library that
+    failed said; earlier checkpoints are untouched (rotation runs only after a complete save)."""
+    from gan_ddp.faults import as_os_error
+
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    try:
+        return _save(accelerator, root, step, state, extra_tensors)
+    except BaseException as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = as_os_error(exc, tmp) if isinstance(exc, Exception) else None
+        if error is None or error is exc:
+            raise
+        raise error from exc
+
+
+def _save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensors: dict[str, Any] | None) -> Path:
     from safetensors.torch import save_file
 
     final = root / step_dir_name(step)
@@ -165,3 +184,35 @@ def load_ema(directory: Path) -> dict[str, Any] | None:
 
     path = directory / "ema.safetensors"
     return load_file(path) if path.is_file() else None
+
+
+def check_loadable(directory: Path, world_size: int) -> None:
+    """Raise CheckpointError naming the file unless every pickled state loads under torch's safe loader
+    (`weights_only=True`, with the numpy types Accelerate allows) and each of the `world_size` processes
+    finds its RNG file. Accelerate itself skips an unreadable RNG file with an info-level log: the run
+    would resume, but no longer exactly. Every rank runs this on the same files and raises alike."""
+    from accelerate.utils import load
+
+    for path in sorted([*directory.glob("*.bin"), *directory.glob("*.pkl")]):
+        try:
+            loaded = load(path, map_location="cpu")
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path}: fails safe loading (torch.load weights_only=True): {_reason(exc)}"
+            ) from None
+        if path.name.startswith("random_states_") and not (
+            isinstance(loaded, dict) and {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(loaded)
+        ):
+            raise CheckpointError(f"{path}: not a random-state file (exact resume needs every process's RNG state)")
+    for rank in range(world_size):
+        if not (directory / f"random_states_{rank}.pkl").is_file():
+            raise CheckpointError(f"{directory}: random_states_{rank}.pkl is missing (process {rank}'s RNG state)")
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of torch's multi-paragraph weights_only error ("Trying to load unsupported
+    GLOBAL posix.system ...", "Unsupported operand 149"), else its first line."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(exc).__name__])[0]

@@ -191,13 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from gan_ddp import faults
+
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
+        print("error: interrupted (Ctrl-C); nothing was written after the newest checkpoint", file=sys.stderr)
+        return faults.EXIT_INTERRUPTED
     except Exception as exc:
         if type(exc).__name__ in ONE_LINE_ERRORS or type(exc) is ValueError:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        raise
+        known = faults.describe(exc)  # divergence, run.dir in use, I/O errors, lost or stalled processes
+        if known is None:
+            raise
+        if not faults.is_echo(exc):
+            print(f"error: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ its multi-line exceptions into one line that names the key, and checks ranges an
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{key}: {value!r} is not allowed; must be a finite number")
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}: {value!r} is not allowed; must be {bound}{' or null' if allow_none else ''}")
@@ -133,6 +136,15 @@ class TrainConfig:
     compile_mode: str = "default"
     threads: int | None = None  # torch intra-op threads per process; null: cores / local processes
     check_consistency: bool = False  # also verify identical weights on all ranks at every log step
+    # Seconds a process waits in a collective for the others before it fails with one line (a stalled
+    # rank: stopped, swapping, stuck on I/O). Covers set-up waits too (download, evaluator training).
+    collective_timeout_s: float = 600.0
+    # Non-finite losses or weights (docs/faults.md): `stop` (exit 3, the newest checkpoint is the resume
+    # point) or `rollback`: reload the newest checkpoint, multiply both learning rates by
+    # rollback_lr_factor and go on, at most max_rollbacks times in the run, then stop.
+    on_nonfinite: str = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         if self.precision == "False":  # YAML 1.1 reads a bare `no` as false; the field's type makes it "False"
@@ -142,6 +154,11 @@ class TrainConfig:
         _positive("train.steps", self.steps, allow_none=True)
         _positive("train.max_seconds", self.max_seconds, allow_none=True)
         _positive("train.threads", self.threads, allow_none=True)
+        _positive("train.collective_timeout_s", self.collective_timeout_s)
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "rollback"))
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise ConfigError(f"train.rollback_lr_factor: {self.rollback_lr_factor} is not allowed; must be in (0, 1)")
+        _positive("train.max_rollbacks", self.max_rollbacks, allow_zero=True)
         _choice("train.precision", self.precision, ("auto", "no", "fp16", "bf16"))
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compile_mode != "default" and not self.compile:

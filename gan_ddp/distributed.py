@@ -83,10 +83,18 @@ def check_distributed(num_processes: int, environ: dict[str, str] | None = None)
         )
 
 
-def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None):
-    """The one Accelerator of a run. Imported lazily so the leaf modules test without Accelerate."""
+def make_accelerator(
+    precision: str, log_with: str | None = None, project_dir: str | None = None, timeout_s: float | None = None
+):
+    """The one Accelerator of a run. Imported lazily so the leaf modules test without Accelerate.
+
+    `timeout_s` bounds every collective: a process whose peer stalls (SIGSTOP, swap, hung filesystem)
+    fails after that long instead of waiting torch's default 30 minutes. gloo raises a RuntimeError
+    ("Timed out waiting ...") in the waiting process; NCCL's watchdog aborts the process."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # broadcast_buffers=False: with BatchNorm in D, the D step runs D(real) and D(fake) before one
     # backward; DDP's default re-broadcast of buffers before the second forward modifies tensors the
@@ -95,10 +103,13 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step
     # (measured +5% images/s with 2 gloo processes on CPU).
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+    handlers: list = [ddp]
+    if timeout_s is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
     return Accelerator(
         cpu=want_cpu(),
         mixed_precision=precision,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=handlers,
         # Our sampler derives each epoch's order from (seed, epoch) on every rank: nothing to broadcast.
         rng_types=[],
         log_with=log_with,
@@ -144,7 +155,10 @@ def check_consistency(accelerator, models: dict[str, nn.Module], step: int, buff
     ]
     names, digest = weights_digest(named)
     everyone = accelerator.gather(digest.unsqueeze(0))  # (world, n_tensors, 2)
-    differs = (everyone != everyone[0:1]).any(dim=2)  # (world, n_tensors)
+    # NaN != NaN: a tensor that is NaN on every rank is not a difference between ranks (the divergence
+    # guard reports it), a NaN on some ranks only is.
+    both_nan = everyone.isnan() & everyone[0:1].isnan()
+    differs = ((everyone != everyone[0:1]) & ~both_nan).any(dim=2)  # (world, n_tensors)
     if bool(differs.any()):
         rank, index = (int(i) for i in differs.nonzero()[0])
         raise ConsistencyError(

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from gan_ddp import checkpoint as ckpt
+from gan_ddp import guard
 from gan_ddp.config import Config, config_from_dict
 from gan_ddp.models import build_models
 
@@ -45,6 +46,12 @@ def load_generator_from_run(
         generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
     else:
         generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    names, bad = guard.nonfinite_tensors({"G": generator})
+    if bool(bad.any()):  # written before the divergence guard existed: it would give blank images
+        raise ckpt.CheckpointError(
+            f"{checkpoint}: non-finite weights ({names[int(bad.argmax())]}): the run diverged before this "
+            "checkpoint; pick an earlier one with --checkpoint"
+        )
     return generator.eval(), cfg, checkpoint
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
-from gan_ddp import compat
+from gan_ddp import compat, guard, runlock
 from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
@@ -44,16 +44,29 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command aga
 # torchrun and `accelerate launch` turn a worker's 75 into their own exit code 1: on preemption the main
 # process also writes this file into run.dir (removed when the run starts again), for job scripts.
 PREEMPTED_MARKER = "PREEMPTED"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C stops like a preemption
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
+# A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again
+# a few ms later: a second SIGINT aborts only if it comes later than this after the first.
+SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 @dataclass
 class StopRequest:
     signal: int = 0  # the signal number received, 0 if none
+    at: float = 0.0  # when (time.monotonic)
+    announce: bool = False  # the main process says what a Ctrl-C does
 
     def handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        now = time.monotonic()
+        if self.signal and signum == signal.SIGINT:
+            if now - self.at > SECOND_INTERRUPT_AFTER_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: abort at once, no checkpoint
+            return
+        if not self.signal:
+            self.signal, self.at = signum, now
+            if self.announce and signum == signal.SIGINT:  # os.write: no Python-level lock inside a handler
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint; Ctrl-C again aborts at once\n")
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -81,7 +94,7 @@ class Trainer:
         self.cfg = cfg
         check_gpu_kernels()  # a GPU this torch build has no kernels for: one line now, not a crash mid-run
         self.precision, self.precision_reason = resolve_precision(cfg.train.precision)
-        self.accelerator = acc = make_accelerator(self.precision)
+        self.accelerator = acc = make_accelerator(self.precision, timeout_s=cfg.train.collective_timeout_s)
         check_distributed(acc.num_processes)
         self.world = acc.num_processes
         self.rank = acc.process_index
@@ -90,6 +103,7 @@ class Trainer:
         self.console = TrainingConsole(enabled=self.is_main)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_lock = self._lock_run_dir()  # before anything reads or writes the run directory
 
         if self.device.type == "cpu":
             # Processes sharing a machine split its cores; oversubscription costs more than it gains.
@@ -180,11 +194,32 @@ class Trainer:
         self.skipped = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step = 0
         self.last_metrics: dict[str, Any] = {}
-        self.stop = StopRequest()
+        self.stop = StopRequest(announce=self.is_main)
         self.consistency_checks = 0
         self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
         self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
+        self.lr_scale = 1.0  # train.on_nonfinite=rollback: product of the rollbacks' lr factors (checkpointed)
+        self.rollbacks = 0
+
+    def _lock_run_dir(self) -> runlock.RunLock | None:
+        """The main process takes the run directory's lock; the other processes learn the outcome, so that
+        all of them stop at once when another training holds it."""
+        failure: Exception | None = None
+        lock = None
+        if self.is_main:
+            try:
+                lock = runlock.acquire(self.run_dir, warn=self.console.print)
+            except (runlock.RunLockError, OSError) as exc:
+                failure = exc
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            if broadcast_object_list([str(failure) if failure else ""])[0] and failure is None:
+                raise runlock.RunLockError("the main process could not lock run.dir (see its error line)")
+        if failure is not None:
+            raise failure
+        return lock
 
     def _check_same_data(self) -> None:
         """Collective: every rank read the same bytes (a download or fallback may go differently per node)."""
@@ -306,8 +341,9 @@ class Trainer:
 
     def _write_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:
+            line = json.dumps(guard.strict_json(metrics), allow_nan=False)  # NaN/inf as null: strict JSON
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")  # closed (flushed) per line: a crash loses nothing logged
+                f.write(line + "\n")  # closed (flushed) per line: a crash loses nothing logged
             self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
 
     def _rewind_metrics(self, step: int) -> None:
@@ -380,6 +416,8 @@ class Trainer:
             "skipped": self.skipped.tolist(),
             "time_s": self.elapsed(),
             "data": self.data_info.as_dict(),
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
         }
 
     def check_consistency(self, buffers: bool) -> int:
@@ -389,6 +427,8 @@ class Trainer:
         """Collective. Ranks' BN statistics are averaged first so the checkpoint (rank 0's) speaks for all."""
         t0 = time.monotonic()
         average_buffers(self.accelerator, [self.G_raw, self.D_raw])
+        models = {"G": self.G_raw, "D": self.D_raw, **({"EMA": self.ema.shadow} if self.ema is not None else {})}
+        guard.check_weights(self.accelerator, models, self.step)  # never checkpoint (nor rotate for) NaN weights
         self.consistency_checks += bool(self.check_consistency(buffers=True))  # just averaged
         # The open metrics window spans the checkpoint: keep its global sums so a resume logs the same line.
         sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
@@ -399,8 +439,8 @@ class Trainer:
         self.save_seconds = time.monotonic() - t0
         return path
 
-    def resume(self) -> None:
-        mode = self.cfg.train.resume
+    def resume(self, rollback_to: Path | None = None) -> None:
+        mode = self.cfg.train.resume if rollback_to is None else str(rollback_to)
         if mode == "never":
             return
         if mode == "auto":
@@ -444,6 +484,9 @@ class Trainer:
                 "weights, optimizers and the data order continue exactly (they depend on the global batch); "
                 "per-process random streams (dropout) do not match an unbroken run"
             )
+        # Accelerate would skip an unreadable RNG file silently, and a pickle refused by weights_only would
+        # surface as a traceback: check every file first, naming it.
+        ckpt.check_loadable(found, min(state["world_size"], self.world))
         self.accelerator.load_state(str(found))
         if self.ema is not None:
             ema_state = ckpt.load_ema(found)
@@ -453,6 +496,8 @@ class Trainer:
         self.step = state["step"]
         self.skipped = torch.tensor(state["skipped"], dtype=torch.int64, device=self.device)
         self.time_before = float(state.get("time_s", 0.0))
+        self.lr_scale, self.rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
+        self._apply_config_lr(quiet=rollback_to is not None)
         if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
             sums = list(state["window"]["sums"])
             if len(sums) == 5:  # saved before the window held per-step means: plain sums over processes
@@ -461,6 +506,40 @@ class Trainer:
         self.window_steps = state["window"]["steps"]
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")
+
+    def _apply_config_lr(self, quiet: bool = False) -> None:
+        """The optimizers' state_dicts carry their learning rates; the config wins (times the rollbacks'
+        factor), so that a run that diverged can resume from its last finite checkpoint with a lower
+        optim.lr_d / optim.lr_g."""
+        for name, opt, lr in (("lr_d", self.opt_d, self.cfg.optim.lr_d), ("lr_g", self.opt_g, self.cfg.optim.lr_g)):
+            saved, lr = opt.param_groups[0]["lr"], lr * self.lr_scale
+            if saved != lr:
+                if not quiet:
+                    scaled = f" x {self.lr_scale:g} after rollbacks" if self.lr_scale != 1.0 else ""
+                    self.console.print(
+                        f"note: optim.{name} is {lr:g} from the config{scaled} (the checkpoint had {saved:g})"
+                    )
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+    def _rollback(self, exc: guard.DivergenceError) -> bool:
+        """train.on_nonfinite=rollback: back to the newest checkpoint (finite by construction) with lower
+        learning rates. Every rank saw the same divergence, so every rank rolls back alike."""
+        t = self.cfg.train
+        complete = [p for p in ckpt.list_checkpoints(self.ckpt_root) if (p / ckpt.MANIFEST).is_file()]
+        if t.on_nonfinite != "rollback" or self.rollbacks >= t.max_rollbacks or not complete:
+            return False
+        elapsed, rollbacks, scale = self.elapsed(), self.rollbacks + 1, self.lr_scale  # the checkpoint's are older
+        self.window.zero_()  # holds the non-finite sums; the checkpoint's window replaces it on the main process
+        self.resume(rollback_to=complete[-1])
+        self.rollbacks, self.lr_scale = rollbacks, scale * t.rollback_lr_factor  # each rollback lowers them further
+        self._apply_config_lr(quiet=True)
+        self.time_before = elapsed - (time.monotonic() - self.created)  # time_s keeps counting
+        self.console.print(
+            f"warning: training diverged at {exc}; rolled back to step {self.step} with learning rates x "
+            f"{self.lr_scale:g} (rollback {rollbacks} of {t.max_rollbacks}, train.on_nonfinite=rollback)"
+        )
+        return True
 
     # ------------------------------------------------------------------ the loop
     def _should_stop(self, started: float, step_seconds: float) -> str | None:
@@ -478,6 +557,13 @@ class Trainer:
         return "time" if timeout else None
 
     def train(self) -> int:
+        try:
+            return self._train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _train(self) -> int:
         cfg, acc = self.cfg, self.accelerator
         if self.is_main:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -516,7 +602,13 @@ class Trainer:
         )
         self.console.start(self.total_steps, self.step)
         try:
-            exit_code, reason = self._loop(started)
+            while True:
+                try:
+                    exit_code, reason = self._loop(started)
+                    break
+                except guard.DivergenceError as exc:
+                    if not self._rollback(exc):
+                        raise
             if self.world > 1:
                 self.console.print(
                     f"DDP consistency check passed {self.consistency_checks} time(s): "
@@ -526,11 +618,14 @@ class Trainer:
                 if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
                 self._finish_artifacts()
-        except BaseException:
+        except BaseException as exc:
             # W&B and the process group are closed on errors too: an unfinished W&B run can hang the exit.
             self.console.stop()
             self.tracker.finish(1)
             self.accelerator.end_training()
+            if isinstance(exc, guard.DivergenceError):
+                after = f" (after {self.rollbacks} rollback(s))" if self.rollbacks else ""
+                raise guard.DivergenceError(f"training diverged at {exc}{after}; {self._resume_point()}") from None
             raise
         finally:
             for s, h in previous.items():
@@ -564,6 +659,7 @@ class Trainer:
                     self._write_metrics(metrics)
                     self.console.log(metrics, self.total_steps, self.cfg.train.max_seconds)
                     self.last_metrics = metrics
+                    guard.check_metrics(metrics)  # after the line is written: metrics.jsonl shows the null
                     if cfg.train.check_consistency:
                         self.consistency_checks += bool(self.check_consistency(buffers=False))
                 paused = time.monotonic()
@@ -598,9 +694,19 @@ class Trainer:
             metrics = self._flush_metrics(self.step // self.steps_per_epoch, time.monotonic() - window_start)
             self._write_metrics(metrics)
             self.last_metrics = metrics
+            guard.check_metrics(metrics)
         if self.step % cfg.log.sample_every:
             self._save_grid()
         return EXIT_OK, "done"
+
+    def _resume_point(self) -> str:
+        complete = [p for p in ckpt.list_checkpoints(self.ckpt_root) if (p / ckpt.MANIFEST).is_file()]
+        if not complete:
+            return "no checkpoint was written; lower optim.lr_d / optim.lr_g (or change the config) and rerun"
+        return (
+            f"nothing non-finite was checkpointed; the newest checkpoint, {complete[-1]}, is the resume point: "
+            "lower optim.lr_d / optim.lr_g (or change the config) and rerun"
+        )
 
     def _finish_artifacts(self) -> None:
         """Plots and the progress animation, from the files (so a resumed run's cover the whole run)."""

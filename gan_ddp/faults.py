@@ -1,0 +1,117 @@
+"""How failures reach the user: one `error:` line and an exit code per kind of fault (docs/faults.md).
+
+Pure functions on exceptions, by class name or errno, so that the command line needs no import of the
+heavy modules that raise them. The exit codes:
+
+    0   finished (or train.max_seconds reached)      1   crash; a lost or stalled process of a multi-process run
+    2   bad input: config, data, checkpoint, launch, run.dir in use
+    3   diverged: non-finite losses or weights (gan_ddp.guard)
+    74  I/O error writing or reading the run directory (EX_IOERR)
+    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED)
+    130 aborted by a second Ctrl-C (no checkpoint)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+EXIT_CRASH = 1
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # gan_ddp.guard.EXIT_DIVERGED
+EXIT_IO = 74
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process killed by Ctrl-C
+
+# errno -> what the user should read. Everything else keeps the system's own words.
+IO_CAUSES = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only filesystem",
+    errno.ENOTDIR: "a component of the path is a file, not a directory",
+    errno.EISDIR: "is a directory, expected a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error from the device",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system",
+}
+_STRERRORS = {os.strerror(code): code for code in IO_CAUSES}
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) quote errno
+
+
+def io_error_line(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    cause = IO_CAUSES.get(exc.errno or 0) or exc.strerror or str(exc)
+    path = exc.filename if exc.filename is not None else "?"
+    return f"{path}: {cause}{f' ({name})' if name else ''}"
+
+
+def as_os_error(exc: BaseException, path: Path) -> OSError | None:
+    """An OSError naming `path` for an error raised while writing under `path`, or None if it is not an
+    I/O error. safetensors raises `SafetensorError("... No space left on device (os error 28)")` and
+    torch.save a RuntimeError without any errno ("unexpected pos 576 vs 534" on a full disk), so the
+    library's message is read first and the free space of the filesystem checked last."""
+    if isinstance(exc, OSError):
+        if exc.filename is None:
+            exc.filename = str(path)
+        return exc
+    message = str(exc)
+    found = _OS_ERROR_NUMBER.search(message)
+    code = int(found.group(1)) if found else next((c for s, c in _STRERRORS.items() if s in message), None)
+    if code is None and type(exc).__name__ in ("SafetensorError", "RuntimeError") and _disk_full(path):
+        code = errno.ENOSPC
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _disk_full(path: Path) -> bool:
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another process stalled or died (gloo's messages)."""
+    message = str(exc)
+    waited = re.search(r"Timed out waiting (\d+)ms", message)
+    if waited or (type(exc).__name__ == "DistBackendError" and "timed out" in message.lower()):
+        seconds = f" {int(waited.group(1)) / 1000:g} s" if waited else ""
+        return (
+            f"a collective operation timed out after{seconds} (train.collective_timeout_s): another process of "
+            "this run stalled (stopped, swapping, stuck on I/O) or hangs; nothing was written after the newest "
+            "checkpoint: rerun the same command to resume from it"
+        )
+    if "Connection closed by peer" in message or "Connection reset by peer" in message:
+        return (
+            "another process of this run died (connection closed by peer); its own output says why; rerun the "
+            "same command to resume from the newest checkpoint"
+        )
+    return None
+
+
+def describe(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for the faults this module knows, or None (a crash: let the traceback show)."""
+    name = type(exc).__name__
+    if name == "DivergenceError":
+        return EXIT_DIVERGED, str(exc)
+    if name == "RunLockError":
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, OSError) and exc.errno in IO_CAUSES:
+        return EXIT_IO, io_error_line(exc)
+    line = collective_failure(exc)
+    if line is not None:
+        return EXIT_CRASH, line
+    return None
+
+
+def is_echo(exc: BaseException) -> bool:
+    """True on ranks other than 0 for an error every rank raises together: print it once, from rank 0."""
+    return bool(getattr(exc, "all_ranks", False)) and os.environ.get("RANK", "0") != "0"

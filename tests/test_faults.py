@@ -1,0 +1,537 @@
+"""The fault matrix (docs/faults.md): every fault ends with one `error:` line and a documented exit code,
+and loses nothing a rerun needs. Divergence, a second trainer on one run.dir, I/O errors, checkpoint files
+that fail safe loading, Ctrl-C, stalled and dead processes, bad floats in the config."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from _runs import (
+    MNIST,
+    REPO,
+    base_env,
+    metric_lines,
+    newest_checkpoint,
+    single,
+    torchrun,
+    torchrun_cmd,
+    train_cmd,
+    train_inproc,
+)
+from safetensors.torch import load_file, save_file
+
+from gan_ddp import checkpoint as ckpt
+from gan_ddp import faults
+from gan_ddp.config import ConfigError, load_config
+from gan_ddp.trainer import SECOND_INTERRUPT_AFTER_S, StopRequest, Trainer
+
+needs_data = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
+LONG = ("train.epochs=1000", "train.steps=null", "log.every=1")
+
+
+def cli_inproc(args: list[str], capsys) -> tuple[int, str, str]:
+    """`gan-ddp ARGS` in this process (Accelerate's singletons reset first); (exit code, stdout, stderr)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from gan_ddp.cli import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def strict_lines(run: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON: bare NaN/Infinity tokens fail."""
+
+    def refuse(token: str):
+        raise ValueError(f"non-JSON token {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def all_finite(checkpoint: Path) -> bool:
+    tensors = {}
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        tensors.update(load_file(checkpoint / name))
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def popen_train(run: Path, *overrides: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gan_ddp", *train_cmd(run, *overrides)],
+        cwd=REPO,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_for(predicate, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "override",
+    ["optim.lr_d=inf", "optim.lr_g=nan", "optim.beta1=nan", "train.max_seconds=inf", "loss.gp_weight=nan",
+     "model.leaky_slope=inf", "train.collective_timeout_s=nan", "loss.real_label=nan", "ema.decay=nan",
+     "train.rollback_lr_factor=nan"],
+)  # fmt: skip
+def test_config_rejects_non_finite_floats_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(None, [override])
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+@needs_data
+def test_absurd_learning_rate_stops_with_exit_3_and_writes_nothing_non_finite(tmp_path):
+    run = tmp_path / "run"
+    overrides = ("train.precision=bf16", "optim.lr_d=1e12", "optim.lr_g=1e12", "checkpoint.every=10", "train.steps=60")
+    proc = single(train_cmd(run, *overrides))
+    assert proc.returncode == faults.EXIT_DIVERGED, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert "training diverged at step 5: loss/d is nan" in line and "no checkpoint was written" in line
+    assert not ckpt.list_checkpoints(run / "checkpoints")
+    lines = strict_lines(run)
+    assert lines[-1]["step"] == 5 and lines[-1]["loss/d"] is None
+
+
+@needs_data
+@pytest.mark.parametrize("log_every", [1, 1000], ids=["caught in the metrics", "caught before a checkpoint"])
+def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsys, monkeypatch, log_every):
+    run = tmp_path / "run"
+    overrides = ("checkpoint.every=2", "checkpoint.keep=2", "train.steps=12", f"log.every={log_every}")
+    original = Trainer.train_step
+
+    def diverging(self, batch, step):  # weights blow up during step 7, as with a too-large learning rate
+        original(self, batch, step)
+        if step == 7:
+            with torch.no_grad():
+                self.G_raw.net[0].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    code, _, err = cli_inproc(train_cmd(run, *overrides), capsys)
+    assert code == faults.EXIT_DIVERGED
+    line = one_error_line(err)
+    if log_every == 1:
+        assert "diverged at step 8: loss/d is nan" in line
+    else:
+        assert "diverged at step 8: non-finite weights in G.net.0.weight" in line
+    kept = ckpt.list_checkpoints(run / "checkpoints")
+    assert [p.name for p in kept] == ["step_00000004", "step_00000006"]  # rotation never ran for step 8
+    assert all(all_finite(p) for p in kept) and str(kept[-1]) in line
+    if log_every == 1:
+        assert strict_lines(run)[-1]["loss/d"] is None  # the line that showed it, as strict JSON
+
+    monkeypatch.setattr(Trainer, "train_step", original)  # the fix: a lower lr, and no more fault
+    code, out, _ = cli_inproc(train_cmd(run, *overrides, "optim.lr_d=1e-4"), capsys)
+    assert code == 0 and "resumed from" in out and "step 6)" in out
+    assert "optim.lr_d is 0.0001 from the config (the checkpoint had 0.0002)" in out
+    assert metric_lines(run)[-1]["lr/d"] == 1e-4
+    assert [m["step"] for m in metric_lines(run)] == sorted({m["step"] for m in metric_lines(run)})
+
+
+@needs_data
+@pytest.mark.parametrize("persistent", [False, True], ids=["recovers", "rollbacks exhausted"])
+def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
+    run = tmp_path / "run"
+    overrides = ("checkpoint.every=2", "checkpoint.keep=2", "train.steps=12", "log.every=1",
+                 "train.on_nonfinite=rollback", "train.max_rollbacks=2")  # fmt: skip
+    original, faults_left = Trainer.train_step, [3 if persistent else 1]
+
+    def diverging(self, batch, step):
+        original(self, batch, step)
+        if step == 7 and faults_left[0]:
+            faults_left[0] -= 1
+            with torch.no_grad():
+                self.G_raw.net[0].weight.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "train_step", diverging)
+    code, out, err = cli_inproc(train_cmd(run, *overrides), capsys)
+    assert "rolled back to step 6 with learning rates x 0.5 (rollback 1 of 2" in out
+    kept = ckpt.list_checkpoints(run / "checkpoints")
+    assert all(all_finite(p) for p in kept)
+    lines = strict_lines(run)
+    assert [m["step"] for m in lines] == list(range(1, lines[-1]["step"] + 1))  # the rolled-back lines are gone
+    if persistent:
+        assert code == faults.EXIT_DIVERGED and "x 0.25 (rollback 2 of 2" in out
+        assert "diverged at step 8: loss/d is nan (mean since the previous log line) (after 2 rollback(s))" in (
+            one_error_line(err)
+        )
+        assert [p.name for p in kept] == ["step_00000004", "step_00000006"]
+    else:
+        assert code == 0, err
+        assert lines[-1]["step"] == 12 and lines[-1]["lr/d"] == lines[-1]["lr/g"] == 1e-4
+        assert json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["lr_scale"] == 0.5
+        times = [m["time_s"] for m in lines]
+        assert times == sorted(times)
+
+
+@needs_data
+def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, run_cli):
+    run = tmp_path / "run"
+    assert train_inproc(run, "train.steps=10") == 0
+    checkpoint = newest_checkpoint(run)  # as a run before the guard existed could have written it
+    for name in ("model.safetensors", "ema.safetensors"):
+        tensors = load_file(checkpoint / name)
+        save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()},
+                  checkpoint / name)  # fmt: skip
+    ckpt.write_manifest(checkpoint)
+    for extra in ((), ("--no-ema",)):
+        proc = run_cli("sample", "--run", run, "--n", "4", "--out", tmp_path / "x.png", *extra, check=False)
+        assert proc.returncode == 2
+        assert "non-finite weights" in one_error_line(proc.stderr)
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- run.dir lock
+@needs_data
+def test_second_trainer_refuses_and_a_killed_holder_never_blocks(tmp_path, capsys):
+    run = tmp_path / "run"
+    first = popen_train(run, *LONG, "checkpoint.every=5")
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists())
+        t0 = time.monotonic()
+        second = single(train_cmd(run, *LONG))
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = one_error_line(second.stderr)
+        assert f"PID {first.pid}" in line and socket.gethostname() in line and "started 20" in line
+        assert time.monotonic() - t0 < 60  # at once: no data loading or training before the refusal
+        wait_for(lambda: len(ckpt.list_checkpoints(run / "checkpoints")) > 0)
+    finally:
+        first.kill()  # kill -9: the kernel drops the lock
+        first.communicate(timeout=60)
+    steps = [m["step"] for m in metric_lines(run)]
+    assert steps == sorted(set(steps)), "the refused trainer wrote metrics"
+    stopped = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    capsys.readouterr()
+    assert train_inproc(run, f"train.steps={stopped + 2}") == 0
+    assert f"step {stopped})" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- I/O errors
+@needs_data
+def test_run_dir_below_a_file_is_one_line_exit_74(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli_inproc(train_cmd(tmp_path / "file" / "run"), capsys)
+    assert code == faults.EXIT_IO
+    line = one_error_line(err)
+    assert str(tmp_path / "file") in line and "not a directory" in line and "ENOTDIR" in line
+
+
+def _raise_in_save(kind: str):
+    """A failure as the library reports it, from inside accelerator.save_state at the second checkpoint."""
+    from safetensors import SafetensorError
+
+    def fail(path):
+        if kind == "ENOSPC":  # measured on a full tmpfs
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        if kind == "EROFS":  # measured on a read-only tmpfs
+            raise SafetensorError(
+                f'Error while serializing: I/O error: Read-only file system (os error 30) at path "{path}"'
+            )
+        if kind == "EACCES":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+        )  # torch.save, disk full
+
+    return fail
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [("ENOSPC", "disk full"), ("EROFS", "read-only filesystem"), ("EACCES", "permission denied"),
+     ("torch-ENOSPC", "disk full")],
+)  # fmt: skip
+def test_write_failure_during_a_checkpoint(tmp_path, capsys, monkeypatch, kind, words):
+    import accelerate.utils.other as acc_other
+
+    run = tmp_path / "run"
+    real_save, fail = acc_other.safe_save_file, _raise_in_save(kind)
+    calls = []
+
+    def flaky(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if ".tmp-step_00000020" in str(filename):
+            fail(filename)
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(acc_other, "safe_save_file", flaky)
+    if kind == "torch-ENOSPC":  # no errno in torch's message: the free space decides
+
+        class Full:
+            f_bavail, f_frsize = 0, 4096
+
+        monkeypatch.setattr(faults.os, "statvfs", lambda path: Full())
+    code, _, err = cli_inproc(train_cmd(run, "train.steps=30", "checkpoint.every=10", "checkpoint.keep=1"), capsys)
+    assert code == faults.EXIT_IO, err
+    line = one_error_line(err)
+    assert words in line and ".tmp-step_00000020" in line and kind.split("-")[-1] in line
+    assert not list((run / "checkpoints").glob(".tmp-*")), "the half-written checkpoint was left behind"
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000010"]
+    ckpt.verify(run / "checkpoints" / "step_00000010")
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@needs_data
+@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl"])
+def test_checkpoint_file_failing_safe_loading_is_refused(tmp_path, capsys, target):
+    run = tmp_path / "run"
+    assert train_inproc(run, "train.steps=10") == 0
+    checkpoint = newest_checkpoint(run)
+    marker = tmp_path / "code-ran"
+    if target == "optimizer.bin":  # a pickle that would run a command, in a checkpoint whose manifest matches
+        payload = _Payload()
+        payload.marker = marker
+        torch.save({"state": payload}, checkpoint / target)
+    else:  # an unreadable RNG file: Accelerate alone skips it silently and exactness is lost
+        (checkpoint / target).write_bytes(pickle.dumps({"random_state": None})[:10])
+    ckpt.write_manifest(checkpoint)
+    code, _, err = cli_inproc(train_cmd(run, "train.steps=20"), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert str(checkpoint / target) in line and "fails safe loading" in line
+    assert target != "optimizer.bin" or "GLOBAL posix.system" in line  # the refused global, named
+    assert not marker.exists(), "the pickle ran code"
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+def test_second_ctrl_c_aborts_but_a_relayed_copy_does_not(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    stop = StopRequest()
+    stop.handler(signal.SIGINT, None)
+    assert stop.signal == signal.SIGINT
+    clock[0] += SECOND_INTERRUPT_AFTER_S / 10  # torchrun relays the terminal's Ctrl-C to its workers
+    stop.handler(signal.SIGINT, None)
+    clock[0] += SECOND_INTERRUPT_AFTER_S
+    with pytest.raises(KeyboardInterrupt):
+        stop.handler(signal.SIGINT, None)
+
+
+def test_interrupt_is_one_line_exit_130(capsys, monkeypatch):
+    from gan_ddp import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "plot", interrupted)
+    assert cli.main(["plot", "--run", "x"]) == 130
+    assert "interrupted" in one_error_line(capsys.readouterr().err)
+
+
+@needs_data
+def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
+    run = tmp_path / "run"
+    proc = popen_train(run, *LONG, "checkpoint.every=100000")
+    wait_for(lambda: (run / "metrics.jsonl").exists())
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the same Ctrl-C relayed by a launcher: not an abort
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "stop requested by signal" in stdout and (run / "PREEMPTED").exists()
+    step = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    capsys.readouterr()
+    assert train_inproc(run, f"train.steps={step + 2}") == 0
+    assert f"step {step})" in capsys.readouterr().out
+
+
+@needs_data
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    run = tmp_path / "run"
+    # DCGAN at batch 2000: a step takes seconds, so the second Ctrl-C lands before the stop is done.
+    slow = ("model.arch=dcgan", "train.batch_size=2000", "checkpoint.every=100000")
+    proc = popen_train(run, *LONG, *slow)
+    wait_for(lambda: (run / "metrics.jsonl").exists(), seconds=300)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(SECOND_INTERRUPT_AFTER_S + 0.3)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "interrupted" in one_error_line("\n".join(s for s in stderr.splitlines() if not s.startswith("Ctrl-C:")))
+    assert not list((run / "checkpoints").glob("step_*")) and not (run / "PREEMPTED").exists()
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    procs = [c for c in psutil.Process(launcher.pid).children(recursive=True) if "gan_ddp" in " ".join(c.cmdline())]
+    return sorted(procs, key=lambda p: p.pid)
+
+
+def _rank(proc: psutil.Process) -> int:
+    return int(proc.environ().get("RANK", "-1"))
+
+
+def _launch(run: Path, *overrides: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        torchrun_cmd(2, train_cmd(run, *overrides)),
+        cwd=REPO,
+        env=base_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+
+
+@needs_data
+@pytest.mark.multiprocess
+def test_divergence_under_torchrun_is_one_line_not_a_consistency_failure(tmp_path):
+    run = tmp_path / "run"
+    overrides = ("optim.lr_d=1e12", "optim.lr_g=1e12", "checkpoint.every=1", "train.steps=20", "log.every=1000")
+    proc = torchrun(2, train_cmd(run, *overrides, "train.check_consistency=true"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count("error: training diverged at step 1: non-finite weights in") == 1, output[-3000:]
+    assert "differs between rank" not in output and "DivergenceError" not in output  # torchrun has its own traceback
+    assert "exitcode  : 3" in output
+    assert not ckpt.list_checkpoints(run / "checkpoints")
+
+
+@needs_data
+@pytest.mark.multiprocess
+def test_ctrl_c_on_the_process_group_under_torchrun(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "out.txt"
+    launcher = _launch(run, *LONG, "checkpoint.every=100000", log=log)
+    wait_for(lambda: (run / "metrics.jsonl").exists())
+    os.killpg(launcher.pid, signal.SIGINT)  # what a terminal does: torchrun and both workers, then torchrun relays
+    launcher.wait(timeout=180)
+    output = log.read_text()
+    assert output.count("stop requested by signal") == 1, output[-3000:]
+    assert "KeyboardInterrupt" not in output and "aborts at once" in output
+    assert (run / "PREEMPTED").exists()
+    step = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    assert step > 0
+
+
+@needs_data
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_stalled_rank_times_out_with_one_line_and_a_rerun_resumes(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "out.txt"
+    timeout = 10
+    overrides = (*LONG, "checkpoint.every=5", f"train.collective_timeout_s={timeout}")
+    launcher = _launch(run, *overrides, log=log)
+    wait_for(lambda: len(ckpt.list_checkpoints(run / "checkpoints")) > 0)
+    workers = _workers(launcher)
+    assert sorted(_rank(w) for w in workers) == [0, 1]
+    stalled = next(w for w in workers if _rank(w) == 1)
+    stalled.suspend()  # SIGSTOP: alive, holding its sockets, answering nothing
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: "error: a collective operation timed out" in log.read_text(), seconds=timeout + 60)
+        waited = time.monotonic() - t0
+    finally:
+        stalled.resume()
+    launcher.wait(timeout=120)
+    output = log.read_text()
+    assert waited >= timeout - 1 and waited < timeout + 60
+    assert f"timed out after {timeout:g} s (train.collective_timeout_s)" in output, output[-3000:]
+    assert launcher.returncode != 0
+    newest = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    rerun = torchrun(2, train_cmd(run, "log.every=1", "checkpoint.every=5", f"train.steps={newest + 2}"))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"(step {newest})" in rerun.stdout
+
+
+@needs_data
+@pytest.mark.multiprocess
+def test_dead_worker_ends_torchrun_at_once_and_a_rerun_resumes(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "out.txt"
+    launcher = _launch(run, *LONG, "checkpoint.every=5", log=log)
+    wait_for(lambda: len(ckpt.list_checkpoints(run / "checkpoints")) > 0)
+    victim = next(w for w in _workers(launcher) if _rank(w) == 1)
+    victim.kill()  # kill -9 of one worker
+    t0 = time.monotonic()
+    launcher.wait(timeout=120)
+    assert time.monotonic() - t0 < 60 and launcher.returncode == 1
+    newest = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
+    rerun = torchrun(2, train_cmd(run, "log.every=1", "checkpoint.every=5", f"train.steps={newest + 2}"))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"(step {newest})" in rerun.stdout
+
+
+@pytest.mark.multiprocess
+def test_consistency_check_treats_nan_on_every_rank_as_equal(tmp_path):
+    """NaN != NaN: all ranks NaN is not a difference between ranks; NaN on one rank is."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "from gan_ddp.distributed import ConsistencyError, check_consistency\n"
+        "acc = Accelerator(cpu=True)\n"
+        "torch.manual_seed(0)\n"
+        "net = torch.nn.Linear(3, 2)\n"
+        "torch.nn.init.constant_(net.weight, float('nan'))\n"
+        "assert check_consistency(acc, {'G': net}, step=1) == 2\n"
+        "if acc.process_index == 1:\n"
+        "    torch.nn.init.constant_(net.bias, float('nan'))\n"
+        "try:\n"
+        "    check_consistency(acc, {'G': net}, step=2)\n"
+        "except ConsistencyError as exc:\n"
+        "    print(exc)\n"
+        "acc.end_training()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("G.bias differs between rank 0 and rank 1") == 2
+
+
+def test_collective_failure_lines():
+    timed_out = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    assert faults.describe(timed_out) == (1, faults.collective_failure(timed_out))
+    assert "timed out after 5 s" in faults.collective_failure(timed_out)
+    assert "died" in faults.collective_failure(RuntimeError("Connection closed by peer [127.0.0.1]:35222"))
+    assert faults.describe(RuntimeError("something else")) is None
+
+
+def test_metrics_lines_are_strict_json():
+    from gan_ddp.guard import nonfinite_metric, strict_json
+
+    metrics = {"step": 5, "loss/d": math.nan, "loss/g": math.inf, "score/real": 0.5, "lr/d": 1e12}
+    assert json.dumps(strict_json(metrics), allow_nan=False) == (
+        '{"step": 5, "loss/d": null, "loss/g": null, "score/real": 0.5, "lr/d": 1000000000000.0}'
+    )
+    assert nonfinite_metric(metrics) == "loss/d" and nonfinite_metric({"loss/d": 1.0}) is None
