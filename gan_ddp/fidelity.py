@@ -67,8 +67,10 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS, seed: i
         real = real[torch.randperm(real.shape[0], generator=gen)[:n]]
     if fake.shape[0] > n:
         fake = fake[torch.randperm(fake.shape[0], generator=gen)[:n]]
-    # torch-fidelity's convention: the first set is the real one. save_cpu_ram: blocks, not N x N matrices.
+    # Generated first, real second: torch-fidelity's convention since 0.4 (0.3 took them the other way round,
+    # hence the >= 0.4 pin; tests/test_fidelity.py's repeated-sample case fails if the order is ever wrong).
+    # save_cpu_ram: distances in blocks of PR_BATCH rows, not N x N matrices.
     out = prc_features_to_metric(
-        real, fake, prc_neighborhood=k, prc_batch_size=PR_BATCH, save_cpu_ram=True, verbose=False
+        fake, real, prc_neighborhood=k, prc_batch_size=PR_BATCH, save_cpu_ram=True, verbose=False
     )
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
