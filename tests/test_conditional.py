@@ -38,7 +38,7 @@ from gan_ddp.trainer import Trainer
 needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
-SHORT_CONDITIONAL = ("model.conditional=true", "train.steps=600")
+SHORT_CONDITIONAL = ("model.conditional=true", "train.steps=600", "train.epochs=100")
 AGREEMENT_MIN = 0.9
 CONDITIONAL = ("model.conditional=true", "augment.policy=translation,cutout", "augment.p=0.5")
 
