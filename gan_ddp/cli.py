@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
     s.add_argument("--batch", type=int, default=1000, help="images per forward pass")
+    s.add_argument(
+        "--digit",
+        type=int,
+        help="class-conditional runs: draw only this class (default: every class in turn, 0-9, 0-9, ...)",
+    )
 
     pl = sub.add_parser("plot", help="draw plots/losses.png and plots/scores.png from metrics.jsonl")
     pl.add_argument("--run", required=True, type=Path)
@@ -56,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     it.add_argument("--rows", type=int, default=8, help="rows (base noise vectors, or seed pairs)")
     it.add_argument("--between", type=int, nargs=2, metavar=("A", "B"), help="slerp from seed A to seed B")
     it.add_argument("--seed", type=int, default=0, help="seed of the sweep's base vectors")
+    it.add_argument(
+        "--digit", type=int, help="class-conditional runs: every row is this class (default: row i is class i %% 10)"
+    )
+    it.add_argument(
+        "--classes",
+        type=int,
+        nargs=2,
+        metavar=("A", "B"),
+        help="class-conditional runs: fixed latent per row, the class moves from A to B",
+    )
     it.add_argument("--no-ema", action="store_true")
     sub.add_parser(
         "doctor",
@@ -89,7 +104,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from torchvision.utils import save_image
 
     from gan_ddp.data import to_sample_array
-    from gan_ddp.models import generate
+    from gan_ddp.models import N_CLASSES, generate
     from gan_ddp.rundir import load_generator_from_run
 
     _positive("--n", args.n)
@@ -97,14 +112,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {args.out}: use a .png (grid) or .npz (array) file name")
     G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
-    images = generate(G, args.n, cfg.model.z_dim, args.seed, args.batch)  # (N, 1, 28, 28) in [-1, 1]
+    labels = _requested_labels(cfg.model.conditional, args.digit, args.n)
+    images = generate(G, args.n, cfg.model.z_dim, args.seed, args.batch, labels)  # (N, 1, 28, 28) in [-1, 1]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".npz":
         np.savez(args.out, to_sample_array(images))
     else:
-        save_image(images, args.out, nrow=max(1, int(args.n**0.5)), normalize=True, value_range=(-1, 1))
-    print(f"wrote {args.n} samples from {checkpoint} to {args.out}")
+        # Conditional, every class: 10 columns, so each column holds one class.
+        nrow = N_CLASSES if labels is not None and args.digit is None else max(1, int(args.n**0.5))
+        save_image(images, args.out, nrow=nrow, normalize=True, value_range=(-1, 1))
+    what = "" if labels is None else (f" of digit {args.digit}" if args.digit is not None else ", classes 0-9 in turn")
+    print(f"wrote {args.n} samples{what} from {checkpoint} to {args.out}")
     return 0
+
+
+def _requested_labels(conditional: bool, digit: int | None, n: int):
+    """Labels for a conditional run's samples: all `digit`, or class-balanced; None for an unconditional run."""
+    import torch
+
+    from gan_ddp.models import N_CLASSES, balanced_labels
+
+    if not conditional:
+        if digit is not None:
+            raise ValueError("--digit needs a class-conditional run (model.conditional: true); this one is not")
+        return None
+    if digit is None:
+        return balanced_labels(n)
+    if not 0 <= digit < N_CLASSES:
+        raise ValueError(f"--digit must be in [0, {N_CLASSES}), got {digit}")
+    return torch.full((n,), digit, dtype=torch.long)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -123,16 +159,35 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
+    import torch
+
     from gan_ddp import viz
+    from gan_ddp.models import N_CLASSES
     from gan_ddp.rundir import load_generator_from_run
 
     _positive("--steps", args.steps)
     _positive("--rows", args.rows)
-    G, _, _ = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
-    if args.between:
-        images = viz.latent_between(G, args.between[0], args.between[1], args.steps, rows=args.rows)
+    G, cfg, _ = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
+    conditional = cfg.model.conditional
+    if args.classes and not conditional:
+        raise ValueError("--classes needs a class-conditional run (model.conditional: true); this one is not")
+    if args.classes and (args.between or args.digit is not None):
+        raise ValueError("--classes goes without --between and --digit")
+    labels = None
+    if conditional and args.digit is not None:
+        labels = _requested_labels(True, args.digit, args.rows)
+    elif conditional:
+        labels = torch.arange(args.rows) % N_CLASSES  # row i: class i mod 10
+    elif args.digit is not None:
+        _requested_labels(False, args.digit, args.rows)  # the one-line refusal
+    if args.classes:
+        images = viz.class_between(G, args.classes[0], args.classes[1], args.steps, rows=args.rows, seed=args.seed)
+    elif args.between:
+        images = viz.latent_between(G, args.between[0], args.between[1], args.steps, rows=args.rows, labels=labels)
     else:
-        images = viz.latent_sweep(G, args.dim, args.range[0], args.range[1], args.steps, rows=args.rows, seed=args.seed)
+        images = viz.latent_sweep(
+            G, args.dim, args.range[0], args.range[1], args.steps, rows=args.rows, seed=args.seed, labels=labels
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     viz.save_grid(images, args.out, nrow=args.steps)
     print(f"wrote {args.out}")

@@ -74,6 +74,10 @@ class ModelConfig:
     g_channels: int = 128  # DCGAN generator base width
     d_channels: int = 64  # DCGAN discriminator base width
     d_batchnorm: bool = True  # DCGAN discriminator BatchNorm (must be off for wgan-gp)
+    # Class-conditional G(z, y) and D(x, y): labels come from the dataset; G gets the label as a one-hot
+    # input (MLP) or through class-conditional BatchNorm (DCGAN), D is a projection discriminator. Why these:
+    # gan_ddp/models.py and docs/conditional.md.
+    conditional: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.arch", self.arch, ("mlp", "dcgan"))
@@ -223,6 +227,32 @@ class EvalConfig:
         _choice("eval.evaluator", self.evaluator, ("cnn", "mlp"))
 
 
+AUGMENT_OPS = ("translation", "cutout")
+
+
+@dataclass
+class AugmentConfig:
+    # Differentiable augmentation of everything D sees (DiffAugment, Zhao et al. 2020), real and fake alike,
+    # in the D and the G step: a comma-separated list of ops from AUGMENT_OPS, "" (off) by default.
+    #   translation: shift by up to 1/8 of the image (3 px) each way, background filled in;
+    #   cutout: blank a random square of half the image side (14 px).
+    policy: str = ""
+    p: float = 1.0  # probability that each op is applied to each image (DiffAugment itself: always)
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.ops() if op not in AUGMENT_OPS]
+        if unknown:
+            raise ConfigError(
+                f"augment.policy: {unknown[0]!r} is not allowed; use a comma-separated list of "
+                f"{', '.join(AUGMENT_OPS)}, or an empty string for none"
+            )
+        if not 0.0 < self.p <= 1.0:
+            raise ConfigError(f"augment.p: {self.p} is not allowed; must be in (0, 1]")
+
+    def ops(self) -> list[str]:
+        return [op.strip() for op in self.policy.split(",") if op.strip()]
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -241,6 +271,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.loss.kind == "wgan-gp" and self.model.arch == "dcgan" and self.model.d_batchnorm:

@@ -9,7 +9,15 @@ its penultimate features:
 - ``eval/coverage``: how many of the 10 classes receive at least 2% of the samples (mode collapse),
 - ``eval/class_entropy``: entropy (nats) of the predicted-class histogram; ln 10 = 2.303 is uniform,
 - ``eval/confidence``: mean max softmax probability (blurry, ambiguous digits score low),
-- ``eval/n``: number of samples scored.
+- ``eval/kid``, ``eval/kid_std``: kernel distance (unbiased MMD^2, cubic kernel), mean and std over subsets,
+- ``eval/precision``, ``eval/recall``: improved precision and recall (k = 3 nearest-neighbour manifolds),
+- ``eval/n``: number of samples scored;
+- class-conditional generators only, where sample i is asked for class i mod 10: ``eval/agreement`` (share of
+  samples the evaluator classifies as the requested class), ``eval/agreement_min`` (the worst class's),
+  ``eval/fid_class_mean`` (mean over classes of the FID between the samples asked for class c and the real
+  images of class c) and ``eval/fid_class/<c>``, ``eval/agreement_class/<c>`` per class.
+
+KID and precision/recall come from `gan_ddp.fidelity` (torch-fidelity's maths on our features).
 
 Numbers are only comparable between runs scored with the same evaluator (same cached file) and the
 same reference statistics: both are keyed by the sha256 of the data they come from.
@@ -41,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan_ddp.data import DataError, data_checksum, default_root, find_split_files, load_arrays, normalize
+from gan_ddp.models import balanced_labels
 
 # Evaluator kinds and their architecture tags (bump a tag when its network or training recipe changes).
 # "cnn" is the default; "mlp" shares no layer type with it, for a second, independent opinion.
@@ -51,7 +60,19 @@ FEATURE_DIM = 128  # of the cnn evaluator; `MnistEvaluator.feature_dim` in gener
 COVERAGE_MIN_SHARE = 0.02  # a class counts as covered when it gets at least 2% of the samples
 DEFAULT_EPOCHS = 8
 HELDOUT_FRACTION = 0.1
-METRIC_KEYS = ("eval/fid", "eval/coverage", "eval/class_entropy", "eval/confidence", "eval/n")
+METRIC_KEYS = (
+    "eval/fid",
+    "eval/kid",
+    "eval/kid_std",
+    "eval/precision",
+    "eval/recall",
+    "eval/coverage",
+    "eval/class_entropy",
+    "eval/confidence",
+    "eval/n",
+)
+CONDITIONAL_KEYS = ("eval/agreement", "eval/agreement_min", "eval/fid_class_mean")
+REAL_STATS_LAYOUT = "2"  # 2: the cache file also holds every real feature vector and label (KID, P/R, per class)
 
 
 def _check_kind(kind: str) -> str:
@@ -131,7 +152,8 @@ class EvaluatorInfo:
 
 @dataclass
 class RealStats:
-    """Mean and covariance (float64) of evaluator features over a real data split."""
+    """Mean and covariance (float64) of evaluator features over a real data split, and (for KID, precision and
+    recall, and per-class FID) the features themselves with the images' labels."""
 
     mu: np.ndarray  # (F,)
     sigma: np.ndarray  # (F, F)
@@ -139,6 +161,8 @@ class RealStats:
     dataset: str = ""
     split: str = ""
     data_sha256: str = ""
+    features: Tensor | None = None  # (n, F) float32
+    labels: Tensor | None = None  # (n,) int64
 
 
 # ------------------------------------------------------------------------------ cache
@@ -417,7 +441,11 @@ def load_or_compute_real_stats(
     if path.is_file():
         with contextlib.suppress(Exception), safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("evaluator_sha256") == evaluator_digest and meta.get("data_sha256") == checksum:
+            if (
+                meta.get("evaluator_sha256") == evaluator_digest
+                and meta.get("data_sha256") == checksum
+                and meta.get("layout") == REAL_STATS_LAYOUT
+            ):
                 return RealStats(
                     mu=f.get_tensor("mu").numpy(),
                     sigma=f.get_tensor("sigma").numpy(),
@@ -425,13 +453,31 @@ def load_or_compute_real_stats(
                     dataset=dataset,
                     split=split,
                     data_sha256=checksum,
+                    features=f.get_tensor("features"),
+                    labels=f.get_tensor("labels"),
                 )
     features, _ = extract_features(evaluator, images)
     mu, sigma = feature_stats(features)
-    meta = {"evaluator_sha256": evaluator_digest, "data_sha256": checksum, "n": str(len(labels)), "split": split}
-    tensors = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+    meta = {
+        "evaluator_sha256": evaluator_digest,
+        "data_sha256": checksum,
+        "n": str(len(labels)),
+        "split": split,
+        "layout": REAL_STATS_LAYOUT,
+    }
+    labels = labels.long().contiguous()
+    tensors = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "features": features, "labels": labels}
     _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return RealStats(mu=mu, sigma=sigma, n=len(labels), dataset=dataset, split=split, data_sha256=checksum)
+    return RealStats(
+        mu=mu,
+        sigma=sigma,
+        n=len(labels),
+        dataset=dataset,
+        split=split,
+        data_sha256=checksum,
+        features=features,
+        labels=labels,
+    )
 
 
 def prepare_evaluation(
@@ -516,21 +562,91 @@ def compute_metrics(
     gen_probs: Tensor | np.ndarray,
     real_mu: np.ndarray,
     real_sigma: np.ndarray,
+    real_features: Tensor | None = None,
+    real_labels: Tensor | None = None,
+    requested: Tensor | None = None,
 ) -> dict[str, float | int]:
-    """The ``eval/*`` metrics of generated samples from their features (N, F) and class probabilities (N, 10)."""
+    """The ``eval/*`` metrics of generated samples from their features (N, F) and class probabilities (N, 10).
+
+    With ``real_features`` (n, F) also KID and precision/recall; with ``requested`` (N,), the classes a
+    conditional generator was asked for, and ``real_labels`` (n,), also agreement and per-class FID."""
+    from gan_ddp import fidelity
+
     probs = torch.as_tensor(gen_probs).double().cpu()
     mu, sigma = feature_stats(gen_features)
     n = int(probs.shape[0])
-    counts = torch.bincount(probs.argmax(1), minlength=N_CLASSES).double()
+    predicted = probs.argmax(1)
+    counts = torch.bincount(predicted, minlength=N_CLASSES).double()
     share = counts / n
     nonzero = share[share > 0]
-    return {
-        "eval/fid": frechet_distance(mu, sigma, real_mu, real_sigma),
+    metrics: dict[str, float | int] = {"eval/fid": frechet_distance(mu, sigma, real_mu, real_sigma)}
+    if real_features is not None:
+        gen = torch.as_tensor(gen_features).float().cpu()
+        metrics["eval/kid"], metrics["eval/kid_std"] = fidelity.kid(real_features, gen)
+        metrics["eval/precision"], metrics["eval/recall"] = fidelity.precision_recall(real_features, gen)
+    metrics |= {
         "eval/coverage": int((share >= COVERAGE_MIN_SHARE).sum()),
         "eval/class_entropy": float(-(nonzero * nonzero.log()).sum()) + 0.0,  # + 0.0: no -0.0 for one class
         "eval/confidence": float(probs.max(1).values.mean()),
         "eval/n": n,
     }
+    if requested is not None:
+        metrics |= conditional_metrics(gen_features, predicted, requested, real_features, real_labels)
+    return metrics
+
+
+def conditional_metrics(
+    gen_features: Tensor | np.ndarray,
+    predicted: Tensor,
+    requested: Tensor,
+    real_features: Tensor | None,
+    real_labels: Tensor | None,
+) -> dict[str, float]:
+    """Agreement (predicted class == requested class), overall, worst class and per class; with the real
+    features and labels also the FID of each class's samples against the real images of that class."""
+    requested = torch.as_tensor(requested).long().cpu()
+    if requested.shape != predicted.shape:
+        raise ValueError(f"{requested.numel()} requested labels for {predicted.numel()} samples")
+    hit = (predicted.cpu() == requested).double()
+    out: dict[str, float] = {"eval/agreement": float(hit.mean())}
+    per_class = {c: float(hit[requested == c].mean()) for c in range(N_CLASSES) if bool((requested == c).any())}
+    out["eval/agreement_min"] = min(per_class.values())
+    out |= {f"eval/agreement_class/{c}": v for c, v in per_class.items()}
+    if real_features is not None and real_labels is not None:
+        gen = torch.as_tensor(gen_features).double().cpu()
+        real, labels = torch.as_tensor(real_features).double().cpu(), torch.as_tensor(real_labels).cpu()
+        fids = {}
+        for c in per_class:
+            mine, theirs = gen[requested == c], real[labels == c]
+            if mine.shape[0] >= 2 and theirs.shape[0] >= 2:
+                fids[c] = frechet_distance(*feature_stats(mine), *feature_stats(theirs))
+        if fids:
+            out["eval/fid_class_mean"] = float(np.mean(list(fids.values())))
+            out |= {f"eval/fid_class/{c}": v for c, v in fids.items()}
+    return out
+
+
+def metrics_against(
+    features: Tensor, probs: Tensor, real_stats: RealStats, requested: Tensor | None = None
+) -> dict[str, float | int]:
+    """`compute_metrics` against everything `real_stats` holds."""
+    return compute_metrics(
+        features, probs, real_stats.mu, real_stats.sigma, real_stats.features, real_stats.labels, requested
+    )
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The headline numbers of one evaluation, on one line."""
+    parts = [f"FID {metrics['eval/fid']:.2f}"]
+    if "eval/kid" in metrics:
+        parts.append(f"KID {metrics['eval/kid']:.4f}±{metrics['eval/kid_std']:.4f}")
+        parts.append(f"precision {metrics['eval/precision']:.3f}  recall {metrics['eval/recall']:.3f}")
+    parts.append(f"coverage {metrics['eval/coverage']}/10  confidence {metrics['eval/confidence']:.3f}")
+    if "eval/agreement" in metrics:
+        parts.append(f"agreement {metrics['eval/agreement']:.3f} (worst class {metrics['eval/agreement_min']:.3f})")
+    if "eval/fid_class_mean" in metrics:
+        parts.append(f"per-class FID {metrics['eval/fid_class_mean']:.2f}")
+    return "  ".join(parts)
 
 
 def evaluate_samples(
@@ -538,7 +654,7 @@ def evaluate_samples(
 ) -> dict[str, float | int]:
     """Metrics of a batch of images: uint8 [0, 255] or float [-1, 1]; (N, 28, 28), (N, 1, 28, 28) or NHWC."""
     features, probs = extract_features(evaluator, images, batch)
-    return compute_metrics(features, probs, real_stats.mu, real_stats.sigma)
+    return metrics_against(features, probs, real_stats)
 
 
 def score_npz(path: str | Path, evaluator: MnistEvaluator, real_stats: RealStats) -> dict[str, float | int]:
@@ -597,8 +713,10 @@ def generate_features(
     z_dim: int,
     seed: int,
     batch: int = 500,
+    conditional: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """All processes: features (n, F) and class probabilities (n, 10) of n generated samples, on every rank.
+    A ``conditional`` G is asked for class i mod 10 for global sample i (`models.balanced_labels`).
 
     Samples are cut into chunks of ``batch`` global indices; chunk c's noise is ``chunk_noise(seed, c)``
     and process r generates chunks r, r + W, r + 2W, ... So the samples (and the numbers) depend on
@@ -628,7 +746,9 @@ def generate_features(
                 continue  # this rank has one chunk fewer: its slot stays padding
             start = chunk * batch
             size = min(batch, n - start)
-            images = G(chunk_noise(seed, chunk, size, z_dim).to(g_device)).float().to(device)  # (size, 1, 28, 28)
+            z = chunk_noise(seed, chunk, size, z_dim).to(g_device)
+            y = balanced_labels(n)[start : start + size].to(g_device) if conditional else None
+            images = (G(z) if y is None else G(z, y)).float().to(device)  # (size, 1, 28, 28)
             f = evaluator.features(images.clamp(-1, 1))
             rows = slice(k * batch, k * batch + size)
             feats[rows] = f.float()
@@ -656,10 +776,13 @@ def score_generator(
     z_dim: int,
     seed: int,
     batch: int = 500,
+    conditional: bool = False,
 ) -> dict[str, float | int]:
-    """All processes: the ``eval/*`` metrics of n samples of G; the same dict on every rank."""
-    features, probs = generate_features(accelerator, G, evaluator, n, z_dim, seed, batch)
-    return compute_metrics(features, probs, real_stats.mu, real_stats.sigma)
+    """All processes: the ``eval/*`` metrics of n samples of G; the same dict on every rank. A ``conditional``
+    G is asked for every class in turn, and scored on agreement and per-class FID too."""
+    features, probs = generate_features(accelerator, G, evaluator, n, z_dim, seed, batch, conditional)
+    requested = balanced_labels(n) if conditional else None
+    return metrics_against(features, probs, real_stats, requested)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -722,7 +845,9 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _format(value: float | int) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # KID is often below 1e-3
 
 
 def run_eval(args: Any) -> int:
@@ -752,12 +877,26 @@ def run_eval(args: Any) -> int:
         evaluator, stats = prepare_evaluation(accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator)
         info = evaluator.info
         metrics = score_generator(
-            accelerator, G.to(accelerator.device), evaluator, stats, args.n, cfg.model.z_dim, args.seed, args.batch
+            accelerator,
+            G.to(accelerator.device),
+            evaluator,
+            stats,
+            args.n,
+            cfg.model.z_dim,
+            args.seed,
+            args.batch,
+            conditional=cfg.model.conditional,
         )
         source = f"{checkpoint} ({'raw G' if args.no_ema else 'EMA G if saved'}, seed {args.seed})"
         is_main = accelerator.is_main_process
     if is_main:
-        rows = [(k.split("/")[1], _format(metrics[k])) for k in METRIC_KEYS]
+        rows = [(k.split("/", 1)[1], _format(metrics[k])) for k in (*METRIC_KEYS, *CONDITIONAL_KEYS) if k in metrics]
+        rows += [
+            (f"{name} {c}", _format(metrics[f"eval/{name}/{c}"]))
+            for name in ("fid_class", "agreement_class")
+            for c in range(N_CLASSES)
+            if f"eval/{name}/{c}" in metrics
+        ]
         rows += [
             ("samples", source),
             ("real data", f"{dataset}/{split} ({stats.n} images)"),
@@ -795,7 +934,15 @@ def _eval_all_checkpoints(args: Any) -> int:
                 accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator
             )
         metrics = score_generator(
-            accelerator, G.to(accelerator.device), evaluator, stats, args.n, cfg.model.z_dim, args.seed, args.batch
+            accelerator,
+            G.to(accelerator.device),
+            evaluator,
+            stats,
+            args.n,
+            cfg.model.z_dim,
+            args.seed,
+            args.batch,
+            conditional=cfg.model.conditional,
         )
         state = ckpt.read_state(directory)
         rows.append({"step": state["step"], "time_s": state.get("time_s"), "checkpoint": directory.name, **metrics})
@@ -807,11 +954,12 @@ def _eval_all_checkpoints(args: Any) -> int:
 
         assert evaluator is not None and evaluator.info is not None
         table = Table(title=f"{args.run} ({evaluator.info.arch}, {args.n} samples)", title_justify="left")
-        for column in ("step", "time_s", *(k.split("/")[1] for k in METRIC_KEYS[:-1])):
+        keys = [k for k in (*METRIC_KEYS[:-1], *CONDITIONAL_KEYS) if any(k in row for row in rows)]
+        for column in ("step", "time_s", *(k.split("/")[1] for k in keys)):
             table.add_column(column, justify="right")
         for row in rows:
             time_s = "-" if row["time_s"] is None else f"{row['time_s']:.0f}"
-            table.add_row(str(row["step"]), time_s, *(_format(row[k]) for k in METRIC_KEYS[:-1]))
+            table.add_row(str(row["step"]), time_s, *(_format(row[k]) if k in row else "-" for k in keys))
         Console(highlight=False).print(table)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -18,24 +18,82 @@ if TYPE_CHECKING:
 IMG_SHAPE = (1, 28, 28)
 IMG_NUMEL = 28 * 28
 ARCHS = ("mlp", "dcgan")
+N_CLASSES = 10  # MNIST and Fashion-MNIST both have ten
+
+# Class-conditional models (``model.conditional: true``) take labels as a second input, ``y``: either class
+# indices (B,) int64, or class weights (B, N_CLASSES) float, a soft label that mixes the classes' embeddings
+# (`interpolate --classes A B` walks from one class to another this way).
+#   G, MLP: the one-hot (or soft) label is concatenated to z, as in the original cGAN (Mirza & Osindero 2014):
+#     the first layer then adds a learned per-class vector, the most an MLP without normalisation can take.
+#   G, DCGAN: conditional BatchNorm (de Vries et al. 2017; Miyato & Koyama 2018; BigGAN): every BatchNorm
+#     normalises without its own affine and applies a per-class gain and bias. The class acts at every
+#     resolution instead of only at the input, which is what projection-discriminator GANs pair with.
+#   D, both: a projection discriminator (Miyato & Koyama 2018): logit = psi(phi(x)) + <embed(y), phi(x)>,
+#     with phi(x) the features the unconditional D already computes before its last linear layer. It scores
+#     "is this a real image of class y" as one inner product, needs no change to the loss, and beat
+#     concatenating the label to D's input (or to a hidden layer) and the auxiliary-classifier (AC-GAN) D,
+#     which pushes G towards easily classified, less diverse samples, in that paper's comparisons.
+
+
+def _class_weights(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N_CLASSES) weights from class indices (B,) or soft labels (B, N_CLASSES)."""
+    if y.dim() == 1:
+        return nn.functional.one_hot(y.long(), N_CLASSES).to(dtype)
+    if y.dim() == 2 and y.size(1) == N_CLASSES:
+        return y.to(dtype)
+    raise ValueError(f"labels must be (B,) class indices or (B, {N_CLASSES}) class weights, got {tuple(y.shape)}")
+
+
+def _embed(table: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` for class indices, or their weighted mix for soft labels: (B, dim)."""
+    return table(y.long()) if y.dim() == 1 else _class_weights(y, table.weight.dtype) @ table.weight
+
+
+def _require_labels(y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+    if y is None:
+        raise ValueError("this model is class-conditional (model.conditional: true): pass labels y")
+    if y.size(0) != z.size(0):
+        raise ValueError(f"{y.size(0)} labels for a batch of {z.size(0)}")
+    return y
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without its own affine, followed by a gain and bias looked up per class (initialised to the
+    identity, gain 1 and bias 0). Works on (B, C) and (B, C, H, W)."""
+
+    def __init__(self, features: int, two_d: bool) -> None:
+        super().__init__()
+        self.bn = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(features, affine=False)
+        self.gain = nn.Embedding(N_CLASSES, features)
+        self.bias = nn.Embedding(N_CLASSES, features)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x)
+        shape = (x.size(0), -1) + (1,) * (x.dim() - 2)
+        return h * _embed(self.gain, y).view(shape) + _embed(self.bias, y).view(shape)
 
 
 # --------------------------------------------------------------------------- MLP
 class MLPGenerator(nn.Module):
     """The classic tutorial MLP generator: z -> hidden (LeakyReLU) -> 784 -> Tanh."""
 
-    def __init__(self, z_dim: int, hidden: list[int], leaky_slope: float = 0.2) -> None:
+    def __init__(self, z_dim: int, hidden: list[int], leaky_slope: float = 0.2, conditional: bool = False) -> None:
         super().__init__()
         self.z_dim = z_dim
+        self.conditional = conditional
         layers: list[nn.Module] = []
-        width = z_dim
+        width = z_dim + (N_CLASSES if conditional else 0)  # conditional: [z, one-hot label]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(leaky_slope)]
             width = h
         layers += [nn.Linear(width, IMG_NUMEL), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditional:
+            z = torch.cat([z, _class_weights(_require_labels(y, z), z.dtype)], dim=1)  # (B, z_dim + 10)
         return self.net(z).view(z.size(0), *IMG_SHAPE)  # (B, 1, 28, 28) in [-1, 1]
 
 
@@ -55,7 +113,9 @@ class MaskDropout(nn.Dropout):
 class MLPDiscriminator(nn.Module):
     """The classic tutorial MLP discriminator, minus the final Sigmoid (returns logits)."""
 
-    def __init__(self, hidden: list[int], leaky_slope: float = 0.2, dropout: float = 0.3) -> None:
+    def __init__(
+        self, hidden: list[int], leaky_slope: float = 0.2, dropout: float = 0.3, conditional: bool = False
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = IMG_NUMEL
@@ -66,18 +126,20 @@ class MLPDiscriminator(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
+        self.embed = _projection_embedding(width) if conditional else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(1)  # (B, 784) -> (B,) logits
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return _project(self.net, self.embed, x.flatten(1), y)  # (B, 784) -> (B,) logits
 
 
 # ------------------------------------------------------------------------- DCGAN
 class DCGANGenerator(nn.Module):
     """Project-and-reshape to 7x7, then two stride-2 transposed convs: 7 -> 14 -> 28."""
 
-    def __init__(self, z_dim: int, channels: int = 128) -> None:
+    def __init__(self, z_dim: int, channels: int = 128, conditional: bool = False) -> None:
         super().__init__()
         self.z_dim = z_dim
+        self.conditional = conditional
         g = channels
         self._base = (2 * g, 7, 7)
         # Biases are dropped wherever BatchNorm follows: BN's shift makes them redundant.
@@ -93,10 +155,18 @@ class DCGANGenerator(nn.Module):
             nn.ConvTranspose2d(g, 1, kernel_size=4, stride=2, padding=1),  # (B, 1, 28, 28)
             nn.Tanh(),
         )
+        if conditional:  # the same layers, with each BatchNorm made class-conditional (same parameter names)
+            self.project[1] = ConditionalBatchNorm(2 * g * 7 * 7, two_d=False)
+            self.deconv[1] = ConditionalBatchNorm(g, two_d=True)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.project(z).view(z.size(0), *self._base)  # (B, 2g, 7, 7)
-        return self.deconv(h)  # (B, 1, 28, 28) in [-1, 1]
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.conditional:
+            h = self.project(z).view(z.size(0), *self._base)  # (B, 2g, 7, 7)
+            return self.deconv(h)  # (B, 1, 28, 28) in [-1, 1]
+        y = _require_labels(y, z)
+        h = self.project[2](self.project[1](self.project[0](z), y)).view(z.size(0), *self._base)
+        h = self.deconv[2](self.deconv[1](self.deconv[0](h), y))  # (B, g, 14, 14)
+        return self.deconv[4](self.deconv[3](h))  # (B, 1, 28, 28) in [-1, 1]
 
 
 class DCGANDiscriminator(nn.Module):
@@ -106,7 +176,9 @@ class DCGANDiscriminator(nn.Module):
     per-sample gradient penalty is invalid when BN couples samples within a batch.
     """
 
-    def __init__(self, channels: int = 64, leaky_slope: float = 0.2, batchnorm: bool = True) -> None:
+    def __init__(
+        self, channels: int = 64, leaky_slope: float = 0.2, batchnorm: bool = True, conditional: bool = False
+    ) -> None:
         super().__init__()
         d = channels
         # Not in-place: the WGAN-GP double backward must see the untouched activations.
@@ -120,19 +192,62 @@ class DCGANDiscriminator(nn.Module):
             nn.Flatten(),  # (B, 2d*7*7)
             nn.Linear(2 * d * 7 * 7, 1),
         )
+        self.embed = _projection_embedding(2 * d * 7 * 7) if conditional else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1)  # (B,) logits
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return _project(self.net, self.embed, x, y)  # (B,) logits
+
+
+def _projection_embedding(width: int) -> nn.Embedding:
+    """The class embedding of a projection discriminator (Xavier-uniform, as in Miyato & Koyama's code)."""
+    embed = nn.Embedding(N_CLASSES, width)
+    nn.init.xavier_uniform_(embed.weight)
+    return embed
+
+
+def _project(net: nn.Sequential, embed: nn.Embedding | None, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Logits (B,) of a D whose last layer is ``net[-1]`` (psi); with ``embed``, plus <embed(y), phi(x)>."""
+    if embed is None:
+        return net(x).squeeze(1)
+    y = _require_labels(y, x)
+    phi = net[:-1](x)  # (B, width): the features before D's last linear layer
+    return net[-1](phi).squeeze(1) + (_embed(embed, y).to(phi.dtype) * phi).sum(1)
 
 
 @torch.no_grad()
-def generate(G: nn.Module, n: int, z_dim: int, seed: int, batch: int = 500) -> torch.Tensor:
+def generate(
+    G: nn.Module, n: int, z_dim: int, seed: int, batch: int = 500, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n, 1, 28, 28) outputs of G for noise drawn on the CPU from ``seed``, ``batch`` at a time: the same
-    ``seed`` gives the same latent vectors whatever ``batch`` is. G's train/eval mode is the caller's."""
+    ``seed`` gives the same latent vectors whatever ``batch`` is. ``labels`` (n,) for a conditional G.
+    G's train/eval mode is the caller's."""
     gen = torch.Generator().manual_seed(seed)
     device = next(G.parameters()).device
-    chunks = [G(torch.randn(min(batch, n - i), z_dim, generator=gen).to(device)) for i in range(0, n, batch)]
+    chunks = []
+    for i in range(0, n, batch):
+        z = torch.randn(min(batch, n - i), z_dim, generator=gen).to(device)
+        y = None if labels is None else labels[i : i + z.size(0)].to(device)
+        chunks.append(G(z) if y is None else G(z, y))
     return torch.cat(chunks)
+
+
+def is_conditional(G: nn.Module) -> bool:
+    """True for a class-conditional generator (possibly wrapped by DDP or torch.compile)."""
+    module = getattr(G, "module", G)
+    module = getattr(module, "_orig_mod", module)
+    return bool(getattr(module, "conditional", False))
+
+
+def balanced_labels(n: int) -> torch.Tensor:
+    """Class labels 0, 1, ..., 9, 0, 1, ... for n samples: every class within one of n / 10."""
+    return torch.arange(n) % N_CLASSES
+
+
+def class_grid_inputs(columns: int, z_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, y) for a grid with one row per class and one noise vector per column, shared by all rows:
+    z (10 * columns, z_dim), y (10 * columns,), row-major (class c, column j at c * columns + j)."""
+    z = torch.randn(columns, z_dim, generator=torch.Generator().manual_seed(seed))
+    return z.repeat(N_CLASSES, 1), torch.arange(N_CLASSES).repeat_interleave(columns)
 
 
 def couples_batch(module: nn.Module) -> bool:
@@ -147,21 +262,25 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, ConditionalBatchNorm):  # the same, for every class's gain and bias
+            nn.init.normal_(m.gain.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias.weight)
 
 
 # ------------------------------------------------------------------------ public
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """Return ``(generator, discriminator)`` for ``cfg.arch`` ("mlp" or "dcgan")."""
+    conditional = bool(getattr(cfg, "conditional", False))
     if cfg.arch == "mlp":
         # PyTorch default init, as in the tutorials this reproduces.
-        gen: nn.Module = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope)
-        disc: nn.Module = MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout)
+        gen: nn.Module = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope, conditional)
+        disc: nn.Module = MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout, conditional)
     elif cfg.arch == "dcgan":
-        gen = DCGANGenerator(cfg.z_dim, cfg.g_channels)
-        disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm)
+        gen = DCGANGenerator(cfg.z_dim, cfg.g_channels, conditional)
+        disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm, conditional)
         dcgan_init_(gen)
         dcgan_init_(disc)
     else:
@@ -179,9 +298,12 @@ def model_signature(cfg: ModelConfig) -> dict[str, Any]:
 
     Only the fields the chosen arch actually uses are included, so e.g. editing
     ``g_channels`` does not block resuming an MLP run. Dropout / leaky slope change no
-    shapes and are deliberately left out.
+    shapes and are deliberately left out. ``conditional`` appears only when true, so checkpoints written
+    before it existed still match unconditional configs.
     """
     sig: dict[str, Any] = {"arch": cfg.arch, "z_dim": int(cfg.z_dim)}
+    if getattr(cfg, "conditional", False):
+        sig["conditional"] = True
     if cfg.arch == "mlp":
         sig |= {"g_hidden": [int(h) for h in cfg.g_hidden], "d_hidden": [int(h) for h in cfg.d_hidden]}
     else:

@@ -20,6 +20,7 @@ import torch
 
 from gan_ddp import checkpoint as ckpt
 from gan_ddp import compat, guard, runlock
+from gan_ddp.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL, DiffAugment
 from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
@@ -36,7 +37,7 @@ from gan_ddp.distributed import (
 from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
-from gan_ddp.models import build_models, count_parameters, couples_batch, model_signature
+from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
 from gan_ddp.tracking import Tracker
 
 EXIT_OK = 0
@@ -180,9 +181,16 @@ class Trainer:
         # Noise is a function of (seed, step, global sample index): each rank takes its slice of the
         # global batch's noise, so N processes draw exactly what one process would.
         self.noise_gen = torch.Generator(device=self.device)
-        self.fixed_noise = torch.randn(
-            cfg.log.n_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2**20)
-        ).to(self.device)
+        self.conditional = cfg.model.conditional
+        self.fixed_labels: torch.Tensor | None = None
+        if self.conditional:  # grids: one row per class, the same noise down each column
+            z, y = class_grid_inputs(max(1, round(cfg.log.n_samples / N_CLASSES)), cfg.model.z_dim, cfg.seed + 2**20)
+            self.fixed_noise, self.fixed_labels = z.to(self.device), y.to(self.device)
+        else:
+            self.fixed_noise = torch.randn(
+                cfg.log.n_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2**20)
+            ).to(self.device)
+        self.augment = DiffAugment(cfg.augment, cfg.seed, B, self.rank, self.local_batch)
 
         # Metric sums over the current log window, on the device:
         # [loss_d, real, fake, loss_g, g_steps, steps], each process adding its terms divided by the world
@@ -243,32 +251,57 @@ class Trainer:
         z = torch.randn(self.cfg.train.batch_size, self.cfg.model.z_dim, generator=self.noise_gen, device=self.device)
         return z[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]  # (b, z_dim)
 
-    def d_step(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One D update on real and fake.detach(); returns (loss, D(x), D(G(z))) as 0-dim device tensors."""
+    def fake_labels(self, step: int, stream: int) -> torch.Tensor | None:
+        """Classes asked of a conditional G, uniform over the classes, like `noise` a function of (seed, step,
+        global sample index) (its unused streams 2 and 3); None for an unconditional model."""
+        if not self.conditional:
+            return None
+        self.noise_gen.manual_seed((self.cfg.seed * 1_000_003 + step * 4 + 2 + stream) % (2**63))
+        y = torch.randint(0, N_CLASSES, (self.cfg.train.batch_size,), generator=self.noise_gen, device=self.device)
+        return y[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]  # (b,)
+
+    def d_step(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        step: int = 0,
+        real_y: torch.Tensor | None = None,
+        fake_y: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One D update on real and fake.detach(); returns (loss, D(x), D(G(z))) as 0-dim device tensors.
+        `real_y` / `fake_y`: the classes, for a conditional D. With augmentation on, D sees both augmented."""
         cfg = self.cfg.loss
+        real_in = self.augment(real, step, STREAM_REAL)
         with self.accelerator.autocast():
+            fake_in = self.augment(fake.detach(), step, STREAM_FAKE_D)
             if self.joint_d_forward:  # one forward over [real; fake]: per-sample D, so the same logits
-                logits = self.D(torch.cat([real.to(fake.dtype), fake.detach()]))
+                x = torch.cat([real_in.to(fake_in.dtype), fake_in])
+                logits = self.D(x) if real_y is None else self.D(x, torch.cat([real_y, fake_y]))
                 real_logits, fake_logits = logits[: real.size(0)], logits[real.size(0) :]
-            else:  # BatchNorm: real and fake keep their own batch statistics
-                real_logits = self.D(real)
-                fake_logits = self.D(fake.detach())
+            elif real_y is None:  # BatchNorm: real and fake keep their own batch statistics
+                real_logits = self.D(real_in)
+                fake_logits = self.D(fake_in)
+            else:
+                real_logits = self.D(real_in, real_y)
+                fake_logits = self.D(fake_in, fake_y)
             loss = d_loss(cfg.kind, real_logits, fake_logits, cfg.real_label)
-        if cfg.kind == "wgan-gp":
-            loss = loss + cfg.gp_weight * gradient_penalty(self.D, real, fake.detach())
+        if cfg.kind == "wgan-gp":  # conditional: the interpolates are scored as the real images' classes
+            critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
+            loss = loss + cfg.gp_weight * gradient_penalty(critic, real_in, fake_in.detach())
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self._step_and_count_skip(self.opt_d, 0)
         score_real, score_fake = d_scores(real_logits, fake_logits)
         return loss.detach(), score_real, score_fake
 
-    def g_step(self, fake: torch.Tensor) -> torch.Tensor:
+    def g_step(self, fake: torch.Tensor, step: int = 0, fake_y: torch.Tensor | None = None) -> torch.Tensor:
         """One G update through a frozen D. D is called unwrapped: its weights need no gradient, so there
         is nothing for DDP to all-reduce, and DDP's reducer never sees a forward without a backward."""
         self.D_raw.requires_grad_(False)
         try:
             with self.accelerator.autocast():
-                loss = g_loss(self.cfg.loss.kind, self.D_raw(fake))
+                x = self.augment(fake, step, STREAM_FAKE_G)
+                loss = g_loss(self.cfg.loss.kind, self.D_raw(x) if fake_y is None else self.D_raw(x, fake_y))
             self.opt_g.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self._step_and_count_skip(self.opt_g, 1)
@@ -298,19 +331,25 @@ class Trainer:
         if self.cuda_graphs:  # last step's graph outputs (fake, logits) are dead: their memory may be reused
             compat.cudagraph_mark_step_begin()
         real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
+        real_y = batch[1] if self.conditional else None
+        fake_y = self.fake_labels(step, 0)
         with self.accelerator.autocast():
-            fake = self.G(self.noise(step, 0))  # (b, 1, 28, 28)
-        loss_d, score_real, score_fake = self.d_step(real, fake)
+            fake = self.generate(self.noise(step, 0), fake_y)  # (b, 1, 28, 28)
+        loss_d, score_real, score_fake = self.d_step(real, fake, step, real_y, fake_y)
         stats = [loss_d, score_real, score_fake]
         if step % self.cfg.optim.d_steps == 0:
             if not self.cfg.train.reuse_fake:
+                fake_y = self.fake_labels(step, 1)
                 with self.accelerator.autocast():
-                    fake = self.G(self.noise(step, 1))
-            stats += [self.g_step(fake), torch.ones((), device=self.device)]
+                    fake = self.generate(self.noise(step, 1), fake_y)
+            stats += [self.g_step(fake, step, fake_y), torch.ones((), device=self.device)]
         else:
             stats += [torch.zeros((), device=self.device)] * 2
         stats.append(torch.ones((), device=self.device))
         self.window += torch.stack([s.double() for s in stats]) / self.world  # stays on the device: no sync per step
+
+    def generate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.G(z) if y is None else self.G(z, y)
 
     # ------------------------------------------------------------------ bookkeeping
     def _flush_metrics(self, epoch: int, window_seconds: float) -> dict[str, Any]:
@@ -362,13 +401,15 @@ class Trainer:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
-    def sample_images(self, noise: torch.Tensor, use_ema: bool = True) -> torch.Tensor:
-        """Generator output for `noise` (main process only: no collective inside)."""
+    def sample_images(
+        self, noise: torch.Tensor, use_ema: bool = True, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Generator output for `noise` (and `labels`, conditional) (main process only: no collective inside)."""
         model = self.ema.shadow if (use_ema and self.ema is not None) else self.G_raw
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            images = model(noise).float()
+            images = (model(noise) if labels is None else model(noise, labels)).float()
         model.train(was_training)
         return images
 
@@ -379,26 +420,35 @@ class Trainer:
 
             path = self.run_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png"
             nrow = int(math.sqrt(self.cfg.log.n_samples)) or 1
-            save_image(self.sample_images(self.fixed_noise), path, nrow=nrow, normalize=True, value_range=(-1, 1))
-            self.tracker.log_image("samples/grid", path, self.step, caption=f"step {self.step}")
+            caption = f"step {self.step}"
+            if self.fixed_labels is not None:  # one row per class, one fixed noise vector per column
+                nrow, caption = self.fixed_noise.size(0) // N_CLASSES, f"step {self.step}, rows: classes 0-9"
+            images = self.sample_images(self.fixed_noise, labels=self.fixed_labels)
+            save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+            self.tracker.log_image("samples/grid", path, self.step, caption=caption)
 
     def evaluate(self) -> dict[str, Any]:
         """Collective: every rank generates its share of eval.n samples; FID, coverage and confidence
         from the gathered features are logged by the main process."""
-        from gan_ddp.evaluate import score_generator
+        from gan_ddp.evaluate import score_generator, summary_line
 
         e = self.cfg.eval
         average_buffers(self.accelerator, [self.G_raw] + ([self.ema.shadow] if self.ema else []))
         G = self.ema.shadow if self.ema is not None else self.G_raw
         results = score_generator(
-            self.accelerator, G, self.evaluator, self.real_stats, e.n, self.cfg.model.z_dim, e.seed, e.batch
+            self.accelerator,
+            G,
+            self.evaluator,
+            self.real_stats,
+            e.n,
+            self.cfg.model.z_dim,
+            e.seed,
+            e.batch,
+            conditional=self.conditional,
         )
         line = {"step": self.step, "time_s": round(self.elapsed(), 3), **results}
         self._write_metrics(line)
-        self.console.print(
-            f"eval step {self.step}: FID {results['eval/fid']:.2f}  coverage {results['eval/coverage']}/10  "
-            f"confidence {results['eval/confidence']:.3f}"
-        )
+        self.console.print(f"eval step {self.step}: {summary_line(results)}")
         return line
 
     def _state(self, window_sums: list[float]) -> dict[str, Any]:

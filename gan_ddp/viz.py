@@ -266,15 +266,22 @@ def _device_dtype(G: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _generate(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """G(z) on G's device in eval mode without autograd; returns CPU float32 images."""
+def _generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """G(z) (or G(z, y) for a conditional G: y class indices (N,) or class weights (N, 10)) on G's device in
+    eval mode without autograd; returns CPU float32 images."""
     device, dtype = _device_dtype(G)
     # Per-module flags restored afterwards: G.train(prev) would clobber submodules deliberately kept in eval.
     modes = [(m, m.training) for m in G.modules()]
     G.eval()
     try:
         with torch.no_grad():
-            outs = [G(chunk.to(device=device, dtype=dtype)) for chunk in z.split(_GEN_BATCH)]
+            if y is None:
+                outs = [G(chunk.to(device=device, dtype=dtype)) for chunk in z.split(_GEN_BATCH)]
+            else:
+                outs = [
+                    G(chunk.to(device=device, dtype=dtype), labels.to(device))
+                    for chunk, labels in zip(z.split(_GEN_BATCH), y.split(_GEN_BATCH), strict=True)
+                ]
     finally:
         for m, training in modes:
             m.training = training
@@ -290,10 +297,18 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def latent_sweep(
-    G: nn.Module, dim: int, lo: float, hi: float, steps: int, rows: int = 8, seed: int = 0
+    G: nn.Module,
+    dim: int,
+    lo: float,
+    hi: float,
+    steps: int,
+    rows: int = 8,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vary latent dimension ``dim`` linearly from ``lo`` to ``hi`` over ``steps`` values for ``rows`` random
-    base vectors; return images (rows*steps, 1, 28, 28) row-major (row i, step j at i*steps + j), on CPU."""
+    base vectors; return images (rows*steps, 1, 28, 28) row-major (row i, step j at i*steps + j), on CPU.
+    A conditional G draws row i as class ``labels[i]`` (a walk within that class)."""
     z_dim = _z_dim(G)
     if not 0 <= dim < z_dim:
         raise ValueError(f"--dim must be in [0, {z_dim}) for this generator, got {dim}")
@@ -303,12 +318,24 @@ def latent_sweep(
     base = torch.randn(rows, z_dim, generator=torch.Generator().manual_seed(seed))
     z = base.repeat_interleave(steps, dim=0)
     z[:, dim] = torch.linspace(lo, hi, steps).repeat(rows)
-    return _generate(G, z)
+    return _generate(G, z, _row_labels(labels, rows, steps))
 
 
-def latent_between(G: nn.Module, seed_a: int, seed_b: int, steps: int, rows: int = 1) -> torch.Tensor:
+def _row_labels(labels: torch.Tensor | None, rows: int, steps: int) -> torch.Tensor | None:
+    """Per-row class indices (rows,) -> per-image (rows * steps,), or None."""
+    if labels is None:
+        return None
+    if labels.shape != (rows,):
+        raise ValueError(f"need one label per row ({rows}), got {tuple(labels.shape)}")
+    return labels.long().repeat_interleave(steps)
+
+
+def latent_between(
+    G: nn.Module, seed_a: int, seed_b: int, steps: int, rows: int = 1, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Slerp from the latent of seed ``seed_a + i`` to that of ``seed_b + i`` in ``steps`` steps for each row
-    i; return images (rows*steps, 1, 28, 28) row-major, on CPU."""
+    i; return images (rows*steps, 1, 28, 28) row-major, on CPU. A conditional G draws row i as class
+    ``labels[i]``."""
     z_dim = _z_dim(G)
     _check_positive("--steps", steps)
     _check_positive("--rows", rows)
@@ -318,7 +345,27 @@ def latent_between(G: nn.Module, seed_a: int, seed_b: int, steps: int, rows: int
         z_a = torch.randn(z_dim, generator=torch.Generator().manual_seed(seed_a + i))
         z_b = torch.randn(z_dim, generator=torch.Generator().manual_seed(seed_b + i))
         zs.extend(slerp(z_a, z_b, t) for t in ts)
-    return _generate(G, torch.stack(zs))
+    return _generate(G, torch.stack(zs), _row_labels(labels, rows, steps))
+
+
+def class_between(G: nn.Module, class_a: int, class_b: int, steps: int, rows: int = 1, seed: int = 0) -> torch.Tensor:
+    """For a conditional G: keep row i's latent (seed ``seed + i``) and move the label from class ``class_a``
+    to ``class_b`` in ``steps`` steps (class weights (1 - t) e_a + t e_b, which mix the classes' embeddings);
+    images (rows*steps, 1, 28, 28) row-major, on CPU."""
+    from gan_ddp.models import N_CLASSES
+
+    _check_positive("--steps", steps)
+    _check_positive("--rows", rows)
+    for name, c in (("A", class_a), ("B", class_b)):
+        if not 0 <= c < N_CLASSES:
+            raise ValueError(f"--classes {name} must be in [0, {N_CLASSES}), got {c}")
+    z_dim = _z_dim(G)
+    z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(seed + i)) for i in range(rows)])
+    t = torch.linspace(0.0, 1.0, steps)
+    weights = torch.zeros(steps, N_CLASSES)
+    weights[:, class_a] += 1.0 - t
+    weights[:, class_b] += t
+    return _generate(G, z.repeat_interleave(steps, dim=0), weights.repeat(rows, 1))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:

@@ -70,9 +70,11 @@ def real_features(evaluator, mnist) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def stats_a(real_features, halves) -> ev.RealStats:
+def stats_a(real_features, halves, mnist) -> ev.RealStats:
     mu, sigma = ev.feature_stats(real_features[0][halves[0]])
-    return ev.RealStats(mu=mu, sigma=sigma, n=len(halves[0]))
+    return ev.RealStats(
+        mu=mu, sigma=sigma, n=len(halves[0]), features=real_features[0][halves[0]], labels=mnist[1][halves[0]].long()
+    )
 
 
 # ------------------------------------------------------------------------------ evaluator
@@ -154,14 +156,18 @@ def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ metrics on real data
 def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, stats_a) -> None:
     feats, probs = real_features
-    metrics = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma)
+    metrics = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, feats[halves[0]])
     print(f"real vs real (two halves of t10k): {metrics}")
     assert set(metrics) == set(ev.METRIC_KEYS)
     assert 0 < metrics["eval/fid"] < REAL_VS_REAL_MAX
+    assert abs(metrics["eval/kid"]) < 3 * metrics["eval/kid_std"] + 1e-4  # unbiased: about 0
+    assert metrics["eval/precision"] > 0.6 and metrics["eval/recall"] > 0.6  # k = 3 on 5,000 points
     assert metrics["eval/coverage"] == 10
     assert metrics["eval/class_entropy"] > 0.99 * LN10
     assert metrics["eval/confidence"] > 0.9
     assert metrics["eval/n"] == 5000
+    without = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma)
+    assert set(without) == set(ev.METRIC_KEYS) - {"eval/kid", "eval/kid_std", "eval/precision", "eval/recall"}
 
 
 def test_uniform_noise_is_far(evaluator, real_features, halves, stats_a) -> None:
@@ -171,6 +177,24 @@ def test_uniform_noise_is_far(evaluator, real_features, halves, stats_a) -> None
     print(f"uniform noise: {metrics}")
     assert metrics["eval/fid"] > 50 * real["eval/fid"]
     assert metrics["eval/fid"] > 10 * REAL_VS_REAL_MAX
+    # Real vs real: KID -0.07 +- 1.8 (features are ReLU activations of a few units each, so the cubic kernel
+    # makes KID large in absolute terms); noise: ~260 +- 10.
+    assert metrics["eval/kid"] > 10 * metrics["eval/kid_std"] and metrics["eval/kid"] > 50
+    # Noise covers none of the data. Its precision is NOT low (measured 0.99): the evaluator maps noise into
+    # one confidently classified region that lies inside real images' k-NN balls. Precision is about where
+    # samples lie in the feature space, so read it with recall, coverage and FID.
+    assert metrics["eval/recall"] < 0.01
+
+
+def test_one_repeated_real_image_is_precise_but_recalls_nothing(evaluator, mnist, stats_a, halves) -> None:
+    """Precision asks whether samples look real, recall whether they cover the data: one real image, repeated,
+    lies inside the real manifold (precision ~1) and covers almost none of it (recall ~0)."""
+    one = mnist[0][halves[0][:1]].repeat(5000, 1, 1)  # an image of the half the statistics come from
+    metrics = ev.evaluate_samples(evaluator, one, stats_a)
+    print(f"one repeated real image: {metrics}")
+    assert metrics["eval/precision"] > 0.99
+    assert metrics["eval/recall"] < 0.01
+    assert metrics["eval/coverage"] == 1
 
 
 def test_one_repeated_class_collapses_coverage(evaluator, mnist, stats_a) -> None:
@@ -191,12 +215,15 @@ def test_real_stats_are_cached_per_data_and_evaluator(
     np.testing.assert_allclose(stats.mu, mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-6, atol=1e-9)
     assert stats.n == 10000 and stats.data_sha256 == data_checksum(*mnist)
+    torch.testing.assert_close(stats.features, real_features[0])  # for KID, precision/recall, per-class FID
+    assert torch.equal(stats.labels, mnist[1].long())
     assert ev.real_stats_path(cache_dir, "mnist", stats.data_sha256).is_file()
 
     with monkeypatch.context() as m:
         m.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("should load the cached statistics"))
         again = ev.load_or_compute_real_stats(evaluator, "mnist", REAL_MNIST, "test", cache_dir)
     np.testing.assert_array_equal(again.sigma, stats.sigma)
+    assert torch.equal(again.features, stats.features) and torch.equal(again.labels, stats.labels)
 
     # A retrained evaluator must not reuse the statistics of the old one (a copy, to keep the shared cache).
     path = ev.real_stats_path(cache_dir, "mnist", stats.data_sha256)
@@ -540,7 +567,7 @@ def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, m
 
     cfg = argparse.Namespace(
         data=argparse.Namespace(dataset="mnist", root=str(REAL_MNIST), split="test"),
-        model=argparse.Namespace(z_dim=8),
+        model=argparse.Namespace(z_dim=8, conditional=False),
     )
     monkeypatch.setattr(
         gan_ddp.rundir, "load_generator_from_run", lambda run, ckpt, use_ema: (TinyGenerator(), cfg, run)
@@ -584,3 +611,50 @@ def test_eval_all_checkpoints_gives_the_curve_of_a_run(trained, cache_dir: Path,
     assert rows[-1]["eval/fid"] == json.loads(last.read_text())["eval/fid"]
     with pytest.raises(ValueError, match="--all-checkpoints"):
         ev.run_eval(_parse(["eval", *common, "--all-checkpoints", "--checkpoint", str(run)]))
+
+
+# ------------------------------------------------------------------------------ conditional metrics
+def test_conditional_metrics_of_real_images_asked_for_their_own_labels(real_features, mnist, halves, stats_a) -> None:
+    """An oracle "generator" that returns real images of the requested class: agreement is the evaluator's
+    accuracy and per-class FIDs are small; asking for the wrong classes makes agreement ~0."""
+    feats, probs = real_features
+    labels = mnist[1][halves[1]]
+    real_feats, real_labels = feats[halves[0]], mnist[1][halves[0]]
+    metrics = ev.compute_metrics(
+        feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, real_feats, real_labels, requested=labels
+    )
+    print(f"real images, asked for their labels: {ev.summary_line(metrics)}")
+    assert metrics["eval/agreement"] > 0.95 and metrics["eval/agreement_min"] > 0.85
+    assert {f"eval/fid_class/{c}" for c in range(10)} <= set(metrics)
+    assert {f"eval/agreement_class/{c}" for c in range(10)} <= set(metrics)
+    assert 0 < metrics["eval/fid_class_mean"] < 4 * REAL_VS_REAL_MAX  # ~500 images a class: noisier than FID
+    wrong = ev.compute_metrics(
+        feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, real_feats, real_labels, (labels + 1) % 10
+    )
+    assert wrong["eval/agreement"] < 0.05
+    assert wrong["eval/fid_class_mean"] > 5 * metrics["eval/fid_class_mean"]
+
+
+def test_score_generator_asks_a_conditional_generator_for_every_class() -> None:
+    class Echo(nn.Module):
+        """Writes its label into the image: the 'evaluator' below reads it back."""
+
+        conditional = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 1, 28, 28) + 0 * self.w
+
+    seen = []
+
+    class Reader(ev.MnistEvaluator):
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((x[:, 0, 0, 0] * 10).round().long())
+            return super().features(x)
+
+    accelerator = ThreadAccelerator(0, 1, {})
+    ev.generate_features(accelerator, Echo(), Reader(), 25, 8, seed=0, batch=10, conditional=True)
+    assert torch.cat(seen).tolist() == ev.balanced_labels(25).tolist()
