@@ -35,7 +35,6 @@ from gan_ddp.models import (
 )
 from gan_ddp.trainer import Trainer
 
-needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
 SHORT_CONDITIONAL = ("model.conditional=true", "train.steps=600", "train.epochs=100")
@@ -141,7 +140,6 @@ def test_fake_labels_of_two_processes_are_one_process_labels() -> None:
 
 
 # ------------------------------------------------------------------------------ training
-@needs_mnist
 def test_conditional_resume_is_exact_mid_epoch(tmp_path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train_inproc(straight, *EXACT, *CONDITIONAL, "train.steps=14") == 0
@@ -157,7 +155,6 @@ def test_conditional_resume_is_exact_mid_epoch(tmp_path) -> None:
     assert (width, height) == (2 + 2 * 30, 2 + 10 * 30)  # torchvision's grid: 28 px + 2 px padding per cell
 
 
-@needs_mnist
 def test_unconditional_checkpoint_is_refused_by_a_conditional_config(tmp_path) -> None:
     run = tmp_path / "run"
     assert train_inproc(run, "train.steps=5") == 0
@@ -168,7 +165,6 @@ def test_unconditional_checkpoint_is_refused_by_a_conditional_config(tmp_path) -
     assert refused.stderr.strip().count("\n") == 0 and "model.conditional" in refused.stderr
 
 
-@needs_mnist
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> None:
     """Fake labels and augmentation draws depend on the global sample index: 2 x 1000 == 1 x 2000."""
@@ -188,7 +184,6 @@ def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> 
 
 
 # ------------------------------------------------------------------------------ sample --digit
-@needs_mnist
 @pytest.mark.slow
 def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli) -> None:
     from gan_ddp.evaluate import extract_features, load_or_train_evaluator
