@@ -7,7 +7,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/mnist_mlp.yaml
 ARGS ?=
 
-.PHONY: install install-dev train test test-fast lint format bench clean
+.PHONY: install install-dev train launch test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install-dev: $(VENV)/.installed-dev
 
 train: install
 	$(VENV)/bin/gan-ddp train --config $(CONFIG) $(ARGS)
+
+# The same training, started the way this machine suits: N GPUs, one GPU or CPU (launch/run.sh says which).
+launch: install
+	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
 test: install-dev
 	$(PY) -m pytest -q
