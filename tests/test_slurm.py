@@ -122,6 +122,7 @@ def test_sbatch_preempts_requeues_resumes_and_does_not_requeue_a_finished_run(sl
         assert "not requeueing" in text
     assert (run / "DONE").read_text().strip() == f"step {STEPS}"
     assert not (run / "PREEMPTED").exists()
+    assert not [w for w in ("FutureWarning", "DeprecationWarning", "UserWarning") if w in text], text[-4000:]
 
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "duplicate or out-of-order steps in metrics.jsonl"
