@@ -12,7 +12,7 @@ TORCH_PINS ?= torch torchvision
 CONFIG ?= configs/mnist_mlp.yaml
 ARGS ?=
 
-.PHONY: install install-dev train test test-fast lint format bench clean
+.PHONY: install install-dev train launch test test-fast lint format bench clean
 
 $(VENV)/.installed-$(STACK): pyproject.toml $(wildcard $(STACK_PINS))
 	@test -f $(STACK_PINS) || { echo "error: STACK=$(STACK): no $(STACK_PINS) (stacks: $(notdir $(basename $(wildcard launch/stacks/*.txt))))" >&2; exit 2; }
@@ -32,6 +32,10 @@ install-dev: $(VENV)/.installed-dev-$(STACK)
 
 train: install
 	$(VENV)/bin/gan-ddp train --config $(CONFIG) $(ARGS)
+
+# The same training, started the way this machine suits: N GPUs, one GPU or CPU (launch/run.sh says which).
+launch: install
+	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
 test: install-dev
 	$(PY) -m pytest -q

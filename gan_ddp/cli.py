@@ -92,6 +92,9 @@ def _positive(name: str, value: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gan_ddp.distributed import main_process_warnings_only
+
+    main_process_warnings_only()  # before Accelerate and the trainer are imported: they warn too
     from gan_ddp.config import load_config
     from gan_ddp.trainer import Trainer
 

@@ -3,8 +3,11 @@ refusing silently non-distributed launches, checking that ranks hold identical w
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -83,6 +86,44 @@ def check_distributed(num_processes: int, environ: dict[str, str] | None = None)
         )
 
 
+def main_process_warnings_only(environ: dict[str, str] | None = None) -> None:
+    """Silence Python warnings on every rank but global rank 0: all ranks run the same code, so rank 0
+    already prints each library warning (once per place, Python's default); N copies only bury the log."""
+    env = os.environ if environ is None else environ
+    if int(env.get("RANK", "0") or 0) > 0:
+        warnings.simplefilter("ignore")
+
+
+def ddp_kwargs(ddp_class: type | None = None):
+    """DDP options of both models, as Accelerate's kwargs handler.
+
+    No buffer sync in forward: with BatchNorm in D, the D step runs D(real) and D(fake) before one
+    backward; DDP's default re-broadcast of buffers before the second forward modifies tensors the first
+    forward saved (pytorch #22095). Ranks keep their own BN statistics instead, which are averaged before
+    anything reads them (grids, checkpoints: `average_buffers`), as StyleGAN2-ADA does.
+    At wrap time: torch >= 2.13 says this with `forward_sync_buffers=False` (`broadcast_buffers` is
+    deprecated there, with a FutureWarning per rank) and still broadcasts rank 0's buffers once; older torch
+    (2.0 on K80s) only has `broadcast_buffers=False`, which skips that broadcast too. Either is right here:
+    every rank builds the models from the same seed, so the buffers start equal.
+    gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step (measured
+    +5% images/s with 2 gloo processes on CPU).
+    """
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if ddp_class is None:
+        from torch.nn.parallel import DistributedDataParallel as ddp_class
+    if "forward_sync_buffers" not in inspect.signature(ddp_class.__init__).parameters:
+        return DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+    # Accelerate's handler (1.16) does not know the new flag; it passes every field that differs from the
+    # default on to DDP, so one more field is all it takes.
+    @dataclass
+    class DDPKwargs(DistributedDataParallelKwargs):
+        forward_sync_buffers: bool | None = None
+
+    return DDPKwargs(forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+
 def make_accelerator(
     precision: str, log_with: str | None = None, project_dir: str | None = None, timeout_s: float | None = None
 ):
@@ -94,19 +135,10 @@ def make_accelerator(
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
 
-    # broadcast_buffers=False: with BatchNorm in D, the D step runs D(real) and D(fake) before one
-    # backward; DDP's default re-broadcast of buffers before the second forward modifies tensors the
-    # first forward saved (pytorch #22095). Ranks keep their own BN statistics instead, which are
-    # averaged before anything reads them (grids, checkpoints: `average_buffers`), as StyleGAN2-ADA does.
-    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, saving a copy per step
-    # (measured +5% images/s with 2 gloo processes on CPU).
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    handlers: list = [ddp]
-    if timeout_s is not None:
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
-    return Accelerator(
+    handlers = [] if timeout_s is None else [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    accelerator = Accelerator(
         cpu=want_cpu(),
         mixed_precision=precision,
         kwargs_handlers=handlers,
@@ -115,6 +147,10 @@ def make_accelerator(
         log_with=log_with,
         project_dir=project_dir,
     )
+    # Set here rather than through kwargs_handlers=, which accepts only Accelerate's own class;
+    # prepare() reads it when it wraps each model in DDP.
+    accelerator.ddp_handler = ddp_kwargs()
+    return accelerator
 
 
 def average_buffers(accelerator, modules: Iterable[nn.Module]) -> None:

@@ -173,7 +173,8 @@ class Tracker:
         id_file = self.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
         if not run_id:
-            run_id = new_run_id()
+            # A W&B sweep agent names each trial's run in WANDB_RUN_ID: another id would leave the trial empty.
+            run_id = os.environ.get("WANDB_RUN_ID") or new_run_id()
             # Written before init, so a crash inside init still leaves the id for the resumed run.
             id_file.write_text(run_id + "\n")
 

@@ -45,6 +45,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command aga
 # torchrun and `accelerate launch` turn a worker's 75 into their own exit code 1: on preemption the main
 # process also writes this file into run.dir (removed when the run starts again), for job scripts.
 PREEMPTED_MARKER = "PREEMPTED"
+# Written by the main process when the run has reached its last step (removed when a run starts), so a job
+# script that got a signal while training was already over does not requeue it (launch/slurm.sbatch).
+DONE_MARKER = "DONE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C stops like a preemption
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
 # A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again
@@ -620,6 +623,7 @@ class Trainer:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             ckpt.clean_temporaries(self.ckpt_root)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+            (self.run_dir / DONE_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         self.resume()
         if self.is_main:
@@ -633,6 +637,8 @@ class Trainer:
             self.console.print(
                 f"nothing to do: step {self.step} already reached {self.total_steps} (train.steps/epochs)"
             )
+            if self.is_main:
+                (self.run_dir / DONE_MARKER).write_text(f"step {self.step}\n")
             return EXIT_OK
         previous = {s: signal.signal(s, self.stop.handler) for s in STOP_SIGNALS}
         started = self.created
@@ -667,6 +673,8 @@ class Trainer:
             if self.is_main:
                 if exit_code == EXIT_PREEMPTED:  # launchers hide our exit code: leave a marker for job scripts
                     (self.run_dir / PREEMPTED_MARKER).write_text(f"step {self.step} signal {self.stop.signal}\n")
+                if reason == "done":  # before the plots: a signal from here on finds the run complete
+                    (self.run_dir / DONE_MARKER).write_text(f"step {self.step}\n")
                 self._finish_artifacts()
         except BaseException as exc:
             # W&B and the process group are closed on errors too: an unfinished W&B run can hang the exit.

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers sourced by launch/cpu_multiproc.sh and launch/gpu_local.sh (not run directly).
+# Helpers sourced by launch/run.sh, launch/cpu_multiproc.sh and launch/gpu_local.sh (not run directly).
 
 # Python to use: $PYTHON if set, else the repo's .venv (what `make install`
 # creates) if present, else whatever `python` is on PATH.
@@ -15,10 +15,27 @@ pick_python() {
   fi
 }
 
+# count_gpus PYTHON: prints "N how-it-was-counted" for the GPUs this machine offers the trainer.
+# CUDA_VISIBLE_DEVICES when set (an empty value hides every GPU), else `nvidia-smi -L`, else (no
+# nvidia-smi, e.g. a ROCm box or a container without it) torch.cuda.device_count() from PYTHON.
+count_gpus() {
+  local n visible
+  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+    IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+    echo "${#visible[@]} CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
+  elif command -v nvidia-smi >/dev/null; then
+    n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    echo "${n:-0} nvidia-smi -L"
+  else
+    n=$("$1" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || true)
+    echo "${n:-0} torch.cuda.device_count(), no nvidia-smi"
+  fi
+}
+
 # run_preemptible CMD [ARGS...]
 #
 # Runs CMD (a launcher: torchrun or accelerate, or the trainer itself) and
-# returns its exit code, with two fixes for preemption:
+# returns its exit code (with DRY_RUN=1 it only prints CMD), with two fixes for preemption:
 #
 #  * CMD runs in its own process group (set -m), so a Ctrl-C in the terminal or
 #    a signal to this script's process group reaches only this script. Whatever
@@ -50,6 +67,10 @@ _rp_forward() {
 
 run_preemptible() {
   local rc seen
+  if [[ ${DRY_RUN:-0} == 1 ]]; then # print the command instead of running it
+    echo "[launch] would run: $(printf '%q ' "$@")" >&2
+    return 0
+  fi
   trap '_rp_forward TERM' TERM
   trap '_rp_forward INT' INT
   trap '_rp_forward USR1' USR1

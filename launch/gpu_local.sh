@@ -6,7 +6,7 @@
 #
 # Environment (all optional):
 #   NGPUS      processes, one per GPU (default: the GPUs in CUDA_VISIBLE_DEVICES,
-#              else every GPU `nvidia-smi -L` lists)
+#              else every GPU `nvidia-smi -L` lists, else torch.cuda.device_count())
 #   PRECISION  auto (default) | no | fp16 | bf16. auto: the trainer picks (bf16 on
 #              compute capability >= 8.0, fp16 + GradScaler on 7.x and 6.0, fp32
 #              below, e.g. K80; docs/gpus.md). Anything else
@@ -32,17 +32,10 @@ MASTER_PORT=${MASTER_PORT:-0}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-90}
 
 if [[ -z ${NGPUS:-} ]]; then
-  if [[ -v CUDA_VISIBLE_DEVICES ]]; then
-    IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
-    NGPUS=${#visible[@]}
-  elif command -v nvidia-smi >/dev/null; then
-    NGPUS=$(nvidia-smi -L | grep -c '^GPU ' || true)
-  else
-    NGPUS=0
-  fi
+  read -r NGPUS _ < <(count_gpus "$PYTHON")
 fi
 if ((NGPUS < 1)); then
-  echo "gpu_local.sh: no GPU found (set NGPUS, or use launch/cpu_multiproc.sh on CPU)" >&2
+  echo "gpu_local.sh: no GPU found (set NGPUS, or use launch/run.sh, which picks for the machine)" >&2
   exit 2
 fi
 

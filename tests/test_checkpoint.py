@@ -112,6 +112,7 @@ def test_max_seconds_checkpoints_and_exits_zero(tmp_path, capsys):
     state = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())
     assert 0 < state["step"] < 1_000_000
     assert not (run / "PREEMPTED").exists()
+    assert not (run / "DONE").exists()  # a time budget is not the end of training
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -131,13 +132,14 @@ def test_signal_checkpoints_and_exits_75(tmp_path, signum, capsys):
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
-    assert (run / "PREEMPTED").exists()
+    assert (run / "PREEMPTED").exists() and not (run / "DONE").exists()
     step = json.loads((newest_checkpoint(run) / ckpt.STATE).read_text())["step"]
     assert step > 0
     # Rerunning the same command resumes from there and removes the marker.
     capsys.readouterr()
     assert train_inproc(run, f"train.steps={step + 3}") == 0
     assert f"step {step})" in capsys.readouterr().out and not (run / "PREEMPTED").exists()
+    assert (run / "DONE").read_text() == f"step {step + 3}\n"  # the job scripts' "do not requeue"
 
 
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,13 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+def assert_no_python_warnings(stderr: str) -> None:
+    """A normal run's log has no library warnings (the torch 2.14 DDP FutureWarning used to come once per rank)."""
+    kinds = ("FutureWarning", "DeprecationWarning", "UserWarning", "RuntimeWarning", "PendingDeprecationWarning")
+    found = [line for line in stderr.splitlines() if any(kind in line for kind in kinds)]
+    assert not found, "\n".join(found)
+
+
 def run_script(tmp_path, body: str, nproc: int = 2) -> subprocess.CompletedProcess:
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(body))
@@ -50,6 +57,7 @@ def test_two_processes_identical_weights_and_global_metrics(tmp_path):
     run = tmp_path / "run"
     out = ok(torchrun(2, train_cmd(run, *SHORT, "train.steps=9", "train.check_consistency=true")))
     assert "DDP consistency check passed" in out.stdout
+    assert_no_python_warnings(out.stderr)
     lines = metric_lines(run)
     assert lines and all(m["world_size"] == 2 for m in lines)
     assert [m["step"] for m in lines] == [2, 4, 6, 8, 9]
@@ -193,6 +201,7 @@ def test_dcgan_batchnorm_trains_under_ddp(tmp_path):
                      "checkpoint.every=4", config=dcgan)  # fmt: skip
     out = ok(torchrun(2, args))
     assert "DDP consistency check passed" in out.stdout
+    assert_no_python_warnings(out.stderr)
     assert all(m["world_size"] == 2 for m in metric_lines(run))
 
 

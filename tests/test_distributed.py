@@ -115,3 +115,54 @@ def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
     assert trainer.skipped.tolist() == [3, 0]
     metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
     assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"], metrics["amp/scale"]) == (3, 0, 65536.0 / 8)
+
+
+def test_ddp_options_no_buffer_sync_in_forward_and_no_deprecation_warning(tmp_path):
+    """The DDP wrapper Accelerate builds from our options: no FutureWarning on torch >= 2.13, buffers not
+    re-broadcast before each forward (BatchNorm in D, see `ddp_kwargs`), gradients as bucket views."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gan_ddp.distributed import ddp_kwargs
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = DistributedDataParallel(model, **ddp_kwargs().to_kwargs())
+        assert not ddp.will_sync_module_buffers()
+        assert ddp.gradient_as_bucket_view
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_options_follow_the_torch_signature():
+    from gan_ddp.distributed import ddp_kwargs
+
+    class NewDDP:  # torch >= 2.13
+        def __init__(self, module, broadcast_buffers=None, gradient_as_bucket_view=False, forward_sync_buffers=None):
+            pass
+
+    class OldDDP:  # torch 2.0 (the K80 stack): no forward_sync_buffers
+        def __init__(self, module, broadcast_buffers=True, gradient_as_bucket_view=False):
+            pass
+
+    assert ddp_kwargs(NewDDP).to_kwargs() == {"forward_sync_buffers": False, "gradient_as_bucket_view": True}
+    assert ddp_kwargs(OldDDP).to_kwargs() == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+
+def test_warnings_are_silenced_on_every_rank_but_the_first():
+    import warnings
+
+    from gan_ddp.distributed import main_process_warnings_only
+
+    for env, silenced in (({}, False), ({"RANK": "0"}, False), ({"RANK": "1"}, True), ({"RANK": "7"}, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main_process_warnings_only(env)
+            warnings.warn("from a library", FutureWarning, stacklevel=1)
+        assert (not caught) == silenced, env

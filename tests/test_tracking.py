@@ -210,6 +210,16 @@ def test_resume_reuses_run_id(offline_run, wandb_env):
     assert [r["_step"] for r in _history(resumed)] == [4]
 
 
+def test_a_sweep_agents_run_id_names_a_new_run(tmp_path, wandb_env, monkeypatch):
+    """`wandb agent` starts each trial with WANDB_RUN_ID set: the trial's training must log to that run."""
+    monkeypatch.setenv("WANDB_RUN_ID", "sweeptrial1")
+    warnings: list[str] = []
+    tr = _tracker(tmp_path / "run", warnings)
+    assert tr.active and tr.run_id == "sweeptrial1"
+    tr.finish()
+    assert (tmp_path / "run" / RUN_ID_FILE).read_text().strip() == "sweeptrial1" and warnings == []
+
+
 def test_disabled_mode_creates_nothing(tmp_path, wandb_env):
     warnings: list[str] = []
     tr = _tracker(tmp_path / "run", warnings, mode="disabled")
