@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gan_ddp.errors import GanDdpError
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 PREFIX = "step_"
@@ -25,7 +27,7 @@ PREFIX = "step_"
 CRASH_ENV = "GAN_DDP_TEST_CRASH_IN_SAVE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GanDdpError, RuntimeError):
     """A checkpoint that is incomplete, corrupt or from another model; one line naming it."""
 
 

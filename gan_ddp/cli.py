@@ -7,19 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-# Errors a user can fix: printed as one `error:` line, exit code 2, no traceback.
-USER_ERRORS = (
-    "ConfigError",
-    "DataError",
-    "CheckpointError",
-    "DistributedSetupError",
-    "FileNotFoundError",
-    "GPUSupportError",
-)
-# Not the user's doing, but one line says it better than a traceback from every rank.
-ONE_LINE_ERRORS = (*USER_ERRORS, "ConsistencyError")
+EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says otherwise (gan_ddp/errors.py)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,14 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from gan_ddp import faults
+    from gan_ddp.errors import GanDdpError
 
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
         print("error: interrupted (Ctrl-C); nothing was written after the newest checkpoint", file=sys.stderr)
         return faults.EXIT_INTERRUPTED
+    except GanDdpError as exc:  # every failure the user can act on: one line, the class's exit code
+        if not faults.is_echo(exc):
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:
-        if type(exc).__name__ in ONE_LINE_ERRORS or type(exc) is ValueError:
+        if type(exc) is ValueError:  # a command's own argument check (`--n must be > 0`, ...)
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         known = faults.describe(exc)  # divergence, run.dir in use, I/O errors, lost or stalled processes

@@ -18,8 +18,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from gan_ddp.errors import GanDdpError
 
-class ConfigError(ValueError):
+
+class ConfigError(GanDdpError, ValueError):
     """A bad configuration value; the message is one line that names the key."""
 
 

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gan_ddp.errors import GanDdpError
+
 DATASETS = ("mnist", "fashion_mnist")
 SPLITS = ("train", "test", "all")
 
@@ -60,7 +62,7 @@ _MAX_BYTES = 1 << 31  # far above any MNIST-like file (train images: 47 MB)
 _KINDS = {1: "a labels file (1-D)", 3: "an images file (3-D)"}
 
 
-class DataError(ValueError):
+class DataError(GanDdpError, ValueError):
     """A one-line, user-facing problem with the data files or data settings."""
 
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from gan_ddp.config import ConfigError
+from gan_ddp.errors import GanDdpError
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(GanDdpError, RuntimeError):
     """The launch does not match what the processes see; the message says how to launch correctly."""
 
 
@@ -174,8 +175,8 @@ def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str]
     return names, torch.stack(sums)
 
 
-class ConsistencyError(RuntimeError):
-    pass
+class ConsistencyError(GanDdpError, RuntimeError):
+    """Ranks hold different weights; the message names the first differing tensor."""
 
 
 def check_consistency(accelerator, models: dict[str, nn.Module], step: int, buffers: bool = True) -> int:

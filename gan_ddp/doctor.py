@@ -20,6 +20,7 @@ import torch
 
 from gan_ddp import compat
 from gan_ddp.distributed import choose_precision, cpu_has_native_bf16
+from gan_ddp.errors import GanDdpError
 
 EXIT_OK = 0
 EXIT_UNUSABLE = 2  # a visible GPU this build cannot run (or a driver torch cannot use)
@@ -31,7 +32,7 @@ K80_STACK_INSTALL = "make install STACK=k80"
 CONFIG = "configs/mnist_mlp.yaml"
 
 
-class GPUSupportError(RuntimeError):
+class GPUSupportError(GanDdpError, RuntimeError):
     """A visible GPU has no kernels in this torch build; the message says what to install."""
 
 

@@ -98,12 +98,8 @@ def collective_failure(exc: BaseException) -> str | None:
 
 
 def describe(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, one line) for the faults this module knows, or None (a crash: let the traceback show)."""
-    name = type(exc).__name__
-    if name == "DivergenceError":
-        return EXIT_DIVERGED, str(exc)
-    if name == "RunLockError":
-        return EXIT_USAGE, str(exc)
+    """(exit code, one line) for failures raised outside gan-ddp's own error classes (`GanDdpError`, which
+    carry their exit code): OS errors and failed collectives. None means a crash: let the traceback show."""
     if isinstance(exc, OSError) and exc.errno in IO_CAUSES:
         return EXIT_IO, io_error_line(exc)
     line = collective_failure(exc)

@@ -20,14 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from gan_ddp.errors import GanDdpError
+
 # Metric keys that stop the run when non-finite (means over the window). Rates, times and scale are not
 # training quantities: an fp16 scale of inf would be the scaler's business, and it never gets there.
 WATCHED = ("loss/d", "loss/g", "score/real", "score/fake")
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(GanDdpError, RuntimeError):
     """Training produced non-finite losses or weights; the message names the step and the quantity."""
 
+    exit_code = 3  # faults.EXIT_DIVERGED
     all_ranks = True  # every rank raises it together: the command line prints it from rank 0 only
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from gan_ddp import checkpoint as ckpt
 from gan_ddp import guard
 from gan_ddp.config import Config, config_from_dict
+from gan_ddp.errors import MissingRunFileError
 from gan_ddp.models import build_models
 
 CONFIG_FILE = "config.yaml"
@@ -59,5 +60,5 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is this a gan-ddp run directory?")
+        raise MissingRunFileError(f"{path} not found: is this a gan-ddp run directory?")
     return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]

@@ -23,10 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+from gan_ddp.errors import GanDdpError
+
 LOCK_NAME = "run.lock"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(GanDdpError, RuntimeError):
     """Another process trains in this run directory; the message names it (host, PID, start time)."""
 
     all_ranks = True

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gan_ddp.errors import MissingRunFileError
+
 __all__ = [
     "latent_between",
     "latent_sweep",
@@ -51,7 +53,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
+        raise MissingRunFileError(f"metrics file not found: {path}")
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     rows: list[dict[str, Any]] = []
@@ -113,8 +115,8 @@ def plot_metrics(run_dir: str | Path) -> list[Path]:
     rows = read_metrics(metrics_path)
     loss_keys = [k for k in ("loss/d", "loss/g") if _series(rows, k)[0]]
     if not loss_keys:
-        # FileNotFoundError (not ValueError) so callers handle "nothing to plot yet" like a missing file.
-        raise FileNotFoundError(f"no loss/d or loss/g lines in metrics file: {metrics_path}")
+        # A FileNotFoundError (not ValueError) so callers handle "nothing to plot yet" like a missing file.
+        raise MissingRunFileError(f"no loss/d or loss/g lines in metrics file: {metrics_path}")
     out_dir = run_dir / PLOTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     name = run_dir.resolve().name
@@ -178,7 +180,7 @@ def make_animation(run_dir: str | Path, out: str | Path | None = None, fps: floa
     samples_dir = run_dir / SAMPLES_DIR
     grids = _sample_grids(samples_dir)
     if not grids:
-        raise FileNotFoundError(f"no sample grids {samples_dir / 'step_*.png'} to animate")
+        raise MissingRunFileError(f"no sample grids {samples_dir / 'step_*.png'} to animate")
     out_path = Path(out) if out is not None else samples_dir / "progress.gif"
 
     images = []

@@ -1,0 +1,23 @@
+"""The one base class of every failure a user can act on.
+
+A `GanDdpError` reaches the command line as one `error: <message>` line and the class's exit code, never a
+traceback. Each module defines its own subclass beside the code that raises it (ConfigError in config.py,
+DataError in data.py, ...); the command line catches the base class, so it needs to know none of them.
+Exit codes are listed in `gan_ddp.faults` and the README.
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class GanDdpError(Exception):
+    """A failure with a one-line message that names its culprit."""
+
+    exit_code: int = EXIT_USAGE
+    # True for errors every rank raises together (the same message N times): printed by global rank 0 only.
+    all_ranks: bool = False
+
+
+class MissingRunFileError(GanDdpError, FileNotFoundError):
+    """A file a command reads from a run directory is not there (config.yaml, metrics, sample grids)."""
