@@ -11,6 +11,7 @@ apt-get when missing and we are root (as in CI). `SlurmUnavailable` says why a c
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -182,7 +183,7 @@ class LocalSlurm:
     def stop(self) -> None:
         """Cancel every job, then end the daemons we started (slurmd first) and remove the directory."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--user=root", check=False)
+            self.run("scancel", "--full", f"--user={pwd.getpwuid(os.getuid()).pw_name}", check=False)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and self.run("squeue", "--noheader", check=False).stdout.strip():
                 time.sleep(0.5)
