@@ -1,16 +1,15 @@
 """`gan-ddp bench`: throughput of the real training step, and of a textbook PyTorch loop to compare with.
 
 The lean side builds the real `Trainer` and calls its own `train_step` (the code `train` runs, not a copy);
-the split of an iteration is measured by wrapping, on that instance only, the bound `d_step` / `g_step` and
-the trainer module's `normalize` with timers (on CUDA the timers synchronise, in bench mode only). What is
-left of an iteration (the G forward, the noise, the metric sums) is reported as `ms_other`.
+the split of an iteration is measured through the seam the trainer offers, `Trainer.time_phases`: its
+"data", "d_step" and "g_step" phases run inside our timers (on CUDA the timers synchronise, in bench mode
+only). What is left of an iteration (the G forward, the noise, the metric sums) is reported as `ms_other`.
 
-`--baseline` adds, in the same process and run, the loop of the tutorials this project reproduces: a
-torchvision-style dataset (PIL image + `ToTensor()` + `Normalize((0.5,), (0.5,))` per image) in a
-`DataLoader`, D ending in `nn.Sigmoid()` with `nn.BCELoss`, a fresh G forward for the G step, D not frozen,
-default `zero_grad()`, default Adam, fp32, default threads; same architecture, batch and optimiser settings.
-Under several processes it runs on the main process alone (the others wait at a barrier) with the machine's
-cores, and is compared with the lean run's global throughput.
+`--baseline` adds, in the same process and run, the loop of the tutorials this project reproduces
+(`gan_ddp.textbook`: per-image PIL transforms, `BCELoss` after a sigmoid, a fresh G forward for the G step, D
+not frozen; same architecture, batch and optimiser settings). Under several processes it runs on the main
+process alone (the others wait at a barrier) with the machine's cores, and is compared with the lean run's
+global throughput.
 
 JSON keys (`--json PATH`, one flat object; figures are global over processes unless noted):
   img_per_s           lean images per second, all processes (global batch x iterations / slowest process)
@@ -35,7 +34,6 @@ JSON keys (`--json PATH`, one flat object; figures are global over processes unl
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -51,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from gan_ddp.textbook import TextbookLoop, torch_threads
 
 KEYS = (
     "img_per_s",
@@ -70,27 +69,6 @@ KEYS = (
     "speedup",
 )
 CKPT_REPEATS = 3
-
-
-def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    b = sub.add_parser(
-        "bench",
-        help="measure the training step (images/s, time split, memory, checkpoint save); --baseline compares "
-        "with a textbook PyTorch loop",
-    )
-    b.add_argument("--config", required=True, help="YAML file, e.g. configs/mnist_mlp.yaml")
-    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=bundled data.split=test")
-    b.add_argument("--baseline", action="store_true", help="also time the textbook loop on the same model and batch")
-    b.add_argument("--json", type=Path, help="write every figure to this file (one flat JSON object)")
-    b.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
-    b.add_argument("--iters", type=int, default=100, help="timed iterations per window (default 100)")
-    b.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="timed windows, lean and baseline alternating; the median window is reported (default 1)",
-    )
-    return b
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -128,37 +106,29 @@ class Timers:
     def add(self, name: str, seconds: float) -> None:
         self.totals[name] = self.totals.get(name, 0.0) + seconds
 
-    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if not self.enabled:
-                return fn(*args, **kwargs)
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block under `name` while enabled (synchronising on CUDA): `Trainer.time_phases`'s timer."""
+        if not self.enabled:
+            yield
+            return
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
             self.sync()
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.add(name, time.perf_counter() - t0)
-
-        return timed
+            self.add(name, time.perf_counter() - t0)
 
 
 @contextmanager
 def instrumented(trainer: Any, timers: Timers) -> Iterator[None]:
-    """Time the trainer's real `d_step`, `g_step` (bound methods, this instance only) and the `normalize`
-    its `train_step` calls; everything is restored on exit."""
-    import gan_ddp.trainer as trainer_module
-
-    original_normalize = trainer_module.normalize
-    trainer.d_step = timers.wrap("d_step", trainer.d_step)
-    trainer.g_step = timers.wrap("g_step", trainer.g_step)
-    trainer_module.normalize = timers.wrap("data", original_normalize)
+    """Time the trainer's real phases through the seam it offers (`Trainer.time_phases`)."""
+    trainer.time_phases(timers.phase)
     try:
         yield
     finally:
-        trainer_module.normalize = original_normalize
-        del trainer.d_step, trainer.g_step  # the instance attributes; the class methods show through again
+        trainer.time_phases(None)
 
 
 def _epochs(trainer: Any) -> Iterator[Any]:
@@ -179,182 +149,6 @@ def _shared_tmp_dir() -> Path:
     path = Path(tempfile.gettempdir()) / f"gan-ddp-bench-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# --------------------------------------------------------------------------- the textbook loop
-class TextbookMNIST(torch.utils.data.Dataset):
-    """What `torchvision.datasets.MNIST` does per item: uint8 array -> PIL image -> transform. Built from the
-    arrays the trainer loaded, because torchvision's class insists on all four files being present."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.images = images.numpy()  # (N, 28, 28) uint8
-        self.labels = labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
-
-
-def textbook_transform() -> Callable[[Any], torch.Tensor]:
-    from torchvision import transforms
-
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-
-
-def textbook_models(model_cfg: Any) -> tuple[nn.Module, nn.Module]:
-    """The project's architectures with the tutorials' sigmoid at the end of D and torch's own dropout."""
-    from gan_ddp.models import MaskDropout, build_models
-
-    generator, discriminator = build_models(model_cfg)
-    for parent in list(discriminator.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, MaskDropout):
-                setattr(parent, name, nn.Dropout(child.p))
-    return generator, nn.Sequential(discriminator, nn.Sigmoid())
-
-
-def textbook_optimizers(generator: nn.Module, discriminator: nn.Module, optim_cfg: Any):
-    betas = (optim_cfg.beta1, optim_cfg.beta2)
-    return (
-        torch.optim.Adam(generator.parameters(), lr=optim_cfg.lr_g, betas=betas),
-        torch.optim.Adam(discriminator.parameters(), lr=optim_cfg.lr_d, betas=betas),
-    )
-
-
-def textbook_step(
-    generator: nn.Module,
-    discriminator: nn.Module,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    criterion: nn.Module,
-    real: torch.Tensor,
-    z_d: torch.Tensor,
-    z_g: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One iteration of the tutorials' loop; returns (D loss, G loss), detached."""
-    b = real.size(0)
-    ones, zeros = torch.ones(b), torch.zeros(b)
-    # D: real and fake losses summed, one backward.
-    opt_d.zero_grad()
-    fake = generator(z_d)
-    loss_d = criterion(discriminator(real), ones) + criterion(discriminator(fake.detach()), zeros)
-    loss_d.backward()
-    opt_d.step()
-    # G: a fresh generator forward, through a D that is not frozen.
-    opt_g.zero_grad()
-    fake = generator(z_g)
-    loss_g = criterion(discriminator(fake), ones)
-    loss_g.backward()
-    opt_g.step()
-    return loss_d.detach(), loss_g.detach()
-
-
-class TextbookLoop:
-    """The baseline: fresh models (same seed and architecture as the trainer's), its own data pipeline."""
-
-    def __init__(self, cfg: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
-        torch.manual_seed(cfg.seed)
-        self.z_dim = cfg.model.z_dim
-        self.G, self.D = textbook_models(cfg.model)
-        self.opt_g, self.opt_d = textbook_optimizers(self.G, self.D, cfg.optim)
-        self.criterion = nn.BCELoss()
-        dataset = TextbookMNIST(images, labels, textbook_transform())
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
-        )
-        self.batches = self._epochs()
-
-    def _epochs(self) -> Iterator[Any]:
-        while True:
-            yield from self.loader
-
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration, data loading included; (D loss, G loss)."""
-        real, _ = next(self.batches)
-        b = real.size(0)
-        z_d, z_g = torch.randn(b, self.z_dim), torch.randn(b, self.z_dim)
-        return textbook_step(self.G, self.D, self.opt_g, self.opt_d, self.criterion, real, z_d, z_g)
-
-    def run(self, iterations: int) -> float:
-        """Seconds for `iterations` iterations, data loading included."""
-        t0 = time.perf_counter()
-        for _ in range(iterations):
-            self.step()
-        return time.perf_counter() - t0
-
-    def samples(self, n: int, seed: int = 0, batch: int = 500) -> Any:
-        """(n, 28, 28, 1) uint8 from G in eval mode, noise from `seed`: the `gan-ddp sample` format."""
-        from gan_ddp.data import to_sample_array
-        from gan_ddp.models import generate
-
-        self.G.eval()
-        images = generate(self.G, n, self.z_dim, seed, batch)
-        self.G.train()
-        return to_sample_array(images)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-# --------------------------------------------------------------------------- the textbook loop, trained
-def add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    t = sub.add_parser(
-        "textbook",
-        help="train the tutorials' loop (bench's --baseline) for a time budget, writing sample files for "
-        "`gan-ddp eval --samples`: the reference for sample quality per unit of time",
-    )
-    t.add_argument("--config", required=True, help="YAML file: model, optimiser, batch and data are taken from it")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    t.add_argument("--seconds", type=float, required=True, help="training budget, wall seconds (data loading counts)")
-    t.add_argument("--every", type=float, default=60.0, help="write samples every this many training seconds")
-    t.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples per file")
-    t.add_argument("--out", type=Path, required=True, help="folder for tNNNNN.npz files and log.jsonl")
-    return t
-
-
-def run_textbook(args: argparse.Namespace) -> int:
-    """Train `TextbookLoop` until `--seconds` of training time; every `--every` seconds (and at the end) write
-    `--n` samples to `<out>/t<seconds>.npz` and a line to `<out>/log.jsonl`. Writing samples is not timed."""
-    import numpy as np
-
-    from gan_ddp.config import load_config
-    from gan_ddp.data import load_arrays
-
-    for name in ("seconds", "every", "n"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
-    cfg = load_config(args.config, args.overrides)
-    images, labels = load_arrays(cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.data.download)
-    loop = TextbookLoop(cfg, images, labels)
-    args.out.mkdir(parents=True, exist_ok=True)
-    trained, mark, step = 0.0, args.every, 0
-    with (args.out / "log.jsonl").open("w") as log:
-        while trained < args.seconds:
-            t0 = time.perf_counter()
-            loss_d, loss_g = loop.step()
-            trained += time.perf_counter() - t0
-            step += 1
-            if trained >= mark or trained >= args.seconds:
-                path = args.out / f"t{round(trained):05d}.npz"
-                np.savez(path, loop.samples(args.n))
-                line = {"time_s": round(trained, 3), "step": step, "loss/d": loss_d.item(), "loss/g": loss_g.item()}
-                log.write(json.dumps({**line, "samples": path.name}) + "\n")
-                log.flush()
-                print(f"{trained:7.1f} s  step {step}  D {line['loss/d']:.3f}  G {line['loss/g']:.3f}  -> {path}")
-                mark += args.every
-    return 0
 
 
 # --------------------------------------------------------------------------- the bench
@@ -422,11 +216,9 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
     sync = _syncer(trainer.device)
     timers = Timers(sync)
     batches = _epochs(trainer)
-    step = 0
 
     def lean_window(n: int) -> list[float]:
         """Runs n real steps; returns this process's [wall, data, d_step, g_step] seconds."""
-        nonlocal step
         timers.reset()
         acc.wait_for_everyone()
         sync()
@@ -437,9 +229,7 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
             if timers.enabled:
                 sync()
                 timers.add("data", time.perf_counter() - f0)
-            step += 1
-            trainer.train_step(batch, step)
-            trainer.step = step
+            trainer.advance(batch)
         sync()
         wall = time.perf_counter() - t0
         return [wall, *(timers.totals.get(k, 0.0) for k in ("data", "d_step", "g_step"))]
@@ -532,20 +322,18 @@ def _reduce_window(acc: Any, device: torch.device, local: list[float]) -> list[f
 def _checkpoint_seconds(trainer: Any) -> float:
     """Median of CKPT_REPEATS timed `save_checkpoint()` calls (collective), into a scratch folder of the run
     directory so an existing run's checkpoints are never rotated away."""
-    real_root = trainer.ckpt_root
-    trainer.ckpt_root = trainer.run_dir / f"bench-checkpoints-{os.getpid() if trainer.world == 1 else 'shared'}"
+    scratch = trainer.run_dir / f"bench-checkpoints-{os.getpid() if trainer.world == 1 else 'shared'}"
     times = []
     try:
         for _ in range(CKPT_REPEATS):
             trainer.accelerator.wait_for_everyone()
             t0 = time.perf_counter()
-            trainer.save_checkpoint()
+            trainer.save_checkpoint(root=scratch)
             times.append(time.perf_counter() - t0)
     finally:
         trainer.accelerator.wait_for_everyone()
         if trainer.is_main:
-            shutil.rmtree(trainer.ckpt_root, ignore_errors=True)
-        trainer.ckpt_root = real_root
+            shutil.rmtree(scratch, ignore_errors=True)
     return statistics.median(times)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says otherwise (gan_ddp/errors.py)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand of `gan-ddp`; the modules behind them expose plain functions."""
     p = argparse.ArgumentParser(prog="gan-ddp", description="Distributed GAN training on MNIST with Accelerate.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -65,13 +66,100 @@ def _parser() -> argparse.ArgumentParser:
         help="what this machine can do: torch/CUDA/cuDNN, the build's GPU architectures, every GPU, "
         "precision, NCCL, launch command (exit 2 when a GPU cannot be used)",
     )
-    from gan_ddp.bench import add_bench_parser, add_textbook_parser
-    from gan_ddp.evaluate import add_eval_parsers
-
-    add_eval_parsers(sub)
-    add_bench_parser(sub)
-    add_textbook_parser(sub)
+    _add_eval_parsers(sub)
+    _add_bench_parser(sub)
+    _add_textbook_parser(sub)
     return p
+
+
+def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """The ``eval`` and ``train-evaluator`` subcommands (gan_ddp.evaluate)."""
+    from gan_ddp.evaluate import DEFAULT_EPOCHS
+
+    e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
+    what = e.add_mutually_exclusive_group(required=True)
+    # The long aliases are for `torchrun ... -m gan_ddp eval`: torchrun's argparse reads abbreviations even
+    # after the script name, and rejects --run (--run-path) and --n (--nnodes, ...) as ambiguous.
+    what.add_argument("--run", "--run-dir", type=Path, help="run directory: generate --n samples from its checkpoint")
+    what.add_argument("--samples", type=Path, help=".npz from `gan-ddp sample` (arr_0: uint8 N x 28 x 28 x 1)")
+    e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
+    e.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="with --run: score every complete checkpoint, oldest first, as a table of step, time_s and metrics",
+    )
+    e.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples to generate (with --run)")
+    e.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
+    e.add_argument("--seed", type=int, default=0, help="noise seed (with --run)")
+    e.add_argument("--batch", type=int, default=500, help="samples per generator forward")
+    _add_data_args(e, "default: the run's data config, or mnist / data / test with --samples")
+    _add_evaluator_arg(e)
+    e.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+
+    t = sub.add_parser("train-evaluator", help="train (or load) the cached classifier used by `eval`")
+    _add_data_args(t, "default: mnist / data / test")
+    _add_evaluator_arg(t)
+    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="retrain even if a cached evaluator exists")
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
+    from gan_ddp.data import DATASETS, SPLITS
+
+    p.add_argument("--dataset", choices=DATASETS, help=default_note)
+    p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
+    p.add_argument("--split", choices=SPLITS, help="real data the evaluator and FID use")
+    p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")
+
+
+def _add_evaluator_arg(p: argparse.ArgumentParser) -> None:
+    from gan_ddp.evaluate import EVALUATOR_ARCHS
+
+    p.add_argument(
+        "--evaluator",
+        choices=tuple(EVALUATOR_ARCHS),
+        default="cnn",
+        help="feature network: cnn (default) or mlp, a second classifier sharing nothing with it",
+    )
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`bench` (gan_ddp.bench)."""
+    b = sub.add_parser(
+        "bench",
+        help="measure the training step (images/s, time split, memory, checkpoint save); --baseline compares "
+        "with a textbook PyTorch loop",
+    )
+    b.add_argument("--config", required=True, help="YAML file, e.g. configs/mnist_mlp.yaml")
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=bundled data.split=test")
+    b.add_argument("--baseline", action="store_true", help="also time the textbook loop on the same model and batch")
+    b.add_argument("--json", type=Path, help="write every figure to this file (one flat JSON object)")
+    b.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
+    b.add_argument("--iters", type=int, default=100, help="timed iterations per window (default 100)")
+    b.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="timed windows, lean and baseline alternating; the median window is reported (default 1)",
+    )
+    return b
+
+
+def _add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`textbook` (gan_ddp.textbook)."""
+    t = sub.add_parser(
+        "textbook",
+        help="train the tutorials' loop (bench's --baseline) for a time budget, writing sample files for "
+        "`gan-ddp eval --samples`: the reference for sample quality per unit of time",
+    )
+    t.add_argument("--config", required=True, help="YAML file: model, optimiser, batch and data are taken from it")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.add_argument("--seconds", type=float, required=True, help="training budget, wall seconds (data loading counts)")
+    t.add_argument("--every", type=float, default=60.0, help="write samples every this many training seconds")
+    t.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples per file")
+    t.add_argument("--out", type=Path, required=True, help="folder for tNNNNN.npz files and log.jsonl")
+    return t
 
 
 def _positive(name: str, value: int) -> None:
@@ -210,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_textbook(args: argparse.Namespace) -> int:
-    from gan_ddp.bench import run_textbook
+    from gan_ddp.textbook import run_textbook
 
     return run_textbook(args)
 
@@ -230,7 +318,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting `key=value` positionals at the first flag; accept them after flags too.
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):

@@ -786,52 +786,6 @@ def score_generator(
 
 
 # ------------------------------------------------------------------------------ CLI
-def add_eval_parsers(sub: Any) -> None:
-    """Add the ``eval`` and ``train-evaluator`` subcommands to an argparse subparsers object."""
-    e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
-    what = e.add_mutually_exclusive_group(required=True)
-    # The long aliases are for `torchrun ... -m gan_ddp eval`: torchrun's argparse reads abbreviations even
-    # after the script name, and rejects --run (--run-path) and --n (--nnodes, ...) as ambiguous.
-    what.add_argument("--run", "--run-dir", type=Path, help="run directory: generate --n samples from its checkpoint")
-    what.add_argument("--samples", type=Path, help=".npz from `gan-ddp sample` (arr_0: uint8 N x 28 x 28 x 1)")
-    e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
-    e.add_argument(
-        "--all-checkpoints",
-        action="store_true",
-        help="with --run: score every complete checkpoint, oldest first, as a table of step, time_s and metrics",
-    )
-    e.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples to generate (with --run)")
-    e.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
-    e.add_argument("--seed", type=int, default=0, help="noise seed (with --run)")
-    e.add_argument("--batch", type=int, default=500, help="samples per generator forward")
-    _add_data_args(e, "default: the run's data config, or mnist / data / test with --samples")
-    _add_evaluator_arg(e)
-    e.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
-
-    t = sub.add_parser("train-evaluator", help="train (or load) the cached classifier used by `eval`")
-    _add_data_args(t, "default: mnist / data / test")
-    _add_evaluator_arg(t)
-    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--force", action="store_true", help="retrain even if a cached evaluator exists")
-
-
-def _add_data_args(p: Any, default_note: str) -> None:
-    p.add_argument("--dataset", choices=("mnist", "fashion_mnist"), help=default_note)
-    p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
-    p.add_argument("--split", choices=("train", "test", "all"), help="real data the evaluator and FID use")
-    p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")
-
-
-def _add_evaluator_arg(p: Any) -> None:
-    p.add_argument(
-        "--evaluator",
-        choices=tuple(EVALUATOR_ARCHS),
-        default="cnn",
-        help="feature network: cnn (default) or mlp, a second classifier sharing nothing with it",
-    )
-
-
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -7,11 +7,14 @@ checkpoints, stopping). Rank discipline: every process runs every collective (`r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from gan_ddp.distributed import (
 from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.metrics import MetricWindow
 from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
 from gan_ddp.tracking import Tracker
 
@@ -90,6 +94,13 @@ def compile_models(G: torch.nn.Module, D: torch.nn.Module, mode: str, device_typ
             "train.compile_mode=default (or train.compile=false)"
         )
     return torch.compile(G, mode=mode), torch.compile(D, mode=mode)
+
+
+_UNTIMED = contextlib.nullcontext()  # reusable, so an untimed phase costs no allocation
+
+
+def _untimed(name: str) -> AbstractContextManager[object]:
+    return _UNTIMED
 
 
 class Trainer:
@@ -195,12 +206,8 @@ class Trainer:
             ).to(self.device)
         self.augment = DiffAugment(cfg.augment, cfg.seed, B, self.rank, self.local_batch)
 
-        # Metric sums over the current log window, on the device:
-        # [loss_d, real, fake, loss_g, g_steps, steps], each process adding its terms divided by the world
-        # size: the reduced sums are then per-step global means, and a window saved by N processes and
-        # resumed by M still averages exactly the steps it holds.
-        self.window = torch.zeros(6, device=self.device, dtype=torch.float64)
-        self.window_steps = 0
+        self.window = MetricWindow(self.device, self.world)  # losses and scores since the last log line
+        self.phase: Callable[[str], AbstractContextManager[object]] = _untimed  # see `time_phases`
         # fp16: optimizer steps the gradient scaler skipped (D, G), counted on the device (no sync per step)
         self.skipped = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.step = 0
@@ -247,6 +254,11 @@ class Trainer:
     def elapsed(self) -> float:
         """Wall seconds this run has trained, set-up included, summed over resumed sessions (`time_s`)."""
         return self.time_before + time.monotonic() - self.created
+
+    def time_phases(self, timer: Callable[[str], AbstractContextManager[object]] | None) -> None:
+        """The seam `gan-ddp bench` measures through: `train_step` runs its phases ("data", "d_step",
+        "g_step") inside `timer(name)`; None restores the untimed default."""
+        self.phase = timer or _untimed
 
     # ------------------------------------------------------------------ the GAN step
     def noise(self, step: int, stream: int) -> torch.Tensor:
@@ -333,23 +345,29 @@ class Trainer:
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
         if self.cuda_graphs:  # last step's graph outputs (fake, logits) are dead: their memory may be reused
             compat.cudagraph_mark_step_begin()
-        real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
+        with self.phase("data"):
+            real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
         real_y = batch[1] if self.conditional else None
         fake_y = self.fake_labels(step, 0)
         with self.accelerator.autocast():
             fake = self.generate(self.noise(step, 0), fake_y)  # (b, 1, 28, 28)
-        loss_d, score_real, score_fake = self.d_step(real, fake, step, real_y, fake_y)
-        stats = [loss_d, score_real, score_fake]
+        with self.phase("d_step"):
+            loss_d, score_real, score_fake = self.d_step(real, fake, step, real_y, fake_y)
+        one = torch.ones((), device=self.device)
+        stats = {"loss/d": loss_d, "score/real": score_real, "score/fake": score_fake, "steps": one}
         if step % self.cfg.optim.d_steps == 0:
             if not self.cfg.train.reuse_fake:
                 fake_y = self.fake_labels(step, 1)
                 with self.accelerator.autocast():
                     fake = self.generate(self.noise(step, 1), fake_y)
-            stats += [self.g_step(fake, step, fake_y), torch.ones((), device=self.device)]
-        else:
-            stats += [torch.zeros((), device=self.device)] * 2
-        stats.append(torch.ones((), device=self.device))
-        self.window += torch.stack([s.double() for s in stats]) / self.world  # stays on the device: no sync per step
+            with self.phase("g_step"):
+                stats |= {"loss/g": self.g_step(fake, step, fake_y), "g_steps": one}
+        self.window.add(stats)  # stays on the device: no sync per step
+
+    def advance(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Train on one batch as the next global step."""
+        self.train_step(batch, self.step + 1)
+        self.step += 1
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.G(z) if y is None else self.G(z, y)
@@ -357,19 +375,14 @@ class Trainer:
     # ------------------------------------------------------------------ bookkeeping
     def _flush_metrics(self, epoch: int, window_seconds: float) -> dict[str, Any]:
         """Collective: mean over processes and over the window; one host sync per log step."""
-        sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
-        n = max(sums[5], 1.0)
-        g_n = max(sums[4], 1.0)
+        means = MetricWindow.means(self.window.reduce(self.accelerator))
         metrics = {
             "step": self.step,
             "epoch": epoch,
             "time_s": round(self.elapsed(), 3),
             "world_size": self.world,
-            "img_per_s": self.window_steps * self.cfg.train.batch_size / max(window_seconds, 1e-9),
-            "loss/d": sums[0] / n,
-            "score/real": sums[1] / n,
-            "score/fake": sums[2] / n,
-            "loss/g": sums[3] / g_n,
+            "img_per_s": self.window.local_steps * self.cfg.train.batch_size / max(window_seconds, 1e-9),
+            **means,
             "lr/d": self.opt_d.param_groups[0]["lr"],
             "lr/g": self.opt_g.param_groups[0]["lr"],
         }
@@ -377,8 +390,7 @@ class Trainer:
             scaler = self.accelerator.scaler
             metrics["amp/scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
             metrics["amp/skipped_d"], metrics["amp/skipped_g"] = self.skipped.tolist()
-        self.window.zero_()
-        self.window_steps = 0
+        self.window.reset()
         return metrics
 
     def _write_metrics(self, metrics: dict[str, Any]) -> None:
@@ -454,7 +466,7 @@ class Trainer:
         self.console.print(f"eval step {self.step}: {summary_line(results)}")
         return line
 
-    def _state(self, window_sums: list[float]) -> dict[str, Any]:
+    def _state(self, window_sums: dict[str, float]) -> dict[str, Any]:
         return {
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -465,7 +477,7 @@ class Trainer:
             "model": model_signature(self.cfg.model),
             "precision": self.precision,
             "ema": self.ema is not None,
-            "window": {"sums": window_sums, "steps": self.window_steps},
+            "window": self.window.state(window_sums),
             "skipped": self.skipped.tolist(),
             "time_s": self.elapsed(),
             "data": self.data_info.as_dict(),
@@ -476,19 +488,21 @@ class Trainer:
     def check_consistency(self, buffers: bool) -> int:
         return check_consistency(self.accelerator, {"G": self.G_raw, "D": self.D_raw}, self.step, buffers)
 
-    def save_checkpoint(self) -> Path:
-        """Collective. Ranks' BN statistics are averaged first so the checkpoint (rank 0's) speaks for all."""
+    def save_checkpoint(self, root: Path | None = None) -> Path:
+        """Collective. Ranks' BN statistics are averaged first so the checkpoint (rank 0's) speaks for all.
+        `root` (default: the run's checkpoints/) is where it goes and what rotation prunes."""
+        root = self.ckpt_root if root is None else root
         t0 = time.monotonic()
         average_buffers(self.accelerator, [self.G_raw, self.D_raw])
         models = {"G": self.G_raw, "D": self.D_raw, **({"EMA": self.ema.shadow} if self.ema is not None else {})}
         guard.check_weights(self.accelerator, models, self.step)  # never checkpoint (nor rotate for) NaN weights
         self.consistency_checks += bool(self.check_consistency(buffers=True))  # just averaged
         # The open metrics window spans the checkpoint: keep its global sums so a resume logs the same line.
-        sums = self.accelerator.reduce(self.window.clone(), reduction="sum").tolist()
+        sums = self.window.reduce(self.accelerator)
         extra = {f"ema.{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else None
-        path = ckpt.save(self.accelerator, self.ckpt_root, self.step, self._state(sums), extra)
+        path = ckpt.save(self.accelerator, root, self.step, self._state(sums), extra)
         if self.is_main:
-            ckpt.rotate(self.ckpt_root, self.cfg.checkpoint.keep)
+            ckpt.rotate(root, self.cfg.checkpoint.keep)
         self.save_seconds = time.monotonic() - t0
         return path
 
@@ -551,12 +565,8 @@ class Trainer:
         self.time_before = float(state.get("time_s", 0.0))
         self.lr_scale, self.rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
         self._apply_config_lr(quiet=rollback_to is not None)
-        if self.is_main:  # the global window sums live on one rank; the next reduce adds them in
-            sums = list(state["window"]["sums"])
-            if len(sums) == 5:  # saved before the window held per-step means: plain sums over processes
-                sums = [x / state["world_size"] for x in sums] + [state["window"]["steps"]]
-            self.window = torch.tensor(sums, device=self.device, dtype=torch.float64)
-        self.window_steps = state["window"]["steps"]
+        # The global window sums go to one rank; the next reduce adds them in.
+        self.window.load(state["window"], state["world_size"], holds_sums=self.is_main)
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")
 
@@ -583,7 +593,7 @@ class Trainer:
         if t.on_nonfinite != "rollback" or self.rollbacks >= t.max_rollbacks or not complete:
             return False
         elapsed, rollbacks, scale = self.elapsed(), self.rollbacks + 1, self.lr_scale  # the checkpoint's are older
-        self.window.zero_()  # holds the non-finite sums; the checkpoint's window replaces it on the main process
+        self.window.reset()  # holds the non-finite sums; the checkpoint's window replaces it on the main process
         self.resume(rollback_to=complete[-1])
         self.rollbacks, self.lr_scale = rollbacks, scale * t.rollback_lr_factor  # each rollback lowers them further
         self._apply_config_lr(quiet=True)
@@ -706,9 +716,7 @@ class Trainer:
             batches = acc.skip_first_batches(self.loader, position) if position else self.loader
             for batch in batches:
                 t0 = time.monotonic()
-                self.train_step(batch, self.step + 1)
-                self.step += 1
-                self.window_steps += 1
+                self.advance(batch)
                 self.console.advance(self.step, self.step // self.steps_per_epoch)
 
                 if self.step % cfg.log.every == 0:
@@ -748,7 +756,7 @@ class Trainer:
         # steps or epochs) logs exactly what one longer run would have.
         if last_saved != self.step:
             self.save_checkpoint()
-        if self.window_steps:
+        if self.window.local_steps:
             metrics = self._flush_metrics(self.step // self.steps_per_epoch, time.monotonic() - window_start)
             self._write_metrics(metrics)
             self.last_metrics = metrics

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp import bench
+from gan_ddp import bench, textbook
 from gan_ddp.compat import compile_unsupported
 from gan_ddp.config import load_config
 
@@ -42,16 +42,16 @@ def _cli_has_bench() -> bool:
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            cli._parser().parse_args(["bench", "--config", str(SMOKE)])
+            cli.build_parser().parse_args(["bench", "--config", str(SMOKE)])
     except SystemExit:
         return False
     return True
 
 
 def _bench_namespace(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    bench.add_bench_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["bench", *argv])
+    from gan_ddp.cli import build_parser
+
+    return build_parser().parse_args(["bench", *argv])
 
 
 def _run_bench(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -119,11 +119,11 @@ def test_bench_rejects_bad_counts() -> None:
 
 def test_textbook_dataset_matches_the_lean_normalisation() -> None:
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
-    dataset = bench.TextbookMNIST(images, torch.arange(5), bench.textbook_transform())
-    textbook = torch.stack([dataset[i][0] for i in range(5)])  # (5, 1, 28, 28)
+    dataset = textbook.TextbookMNIST(images, torch.arange(5), textbook.textbook_transform())
+    per_image = torch.stack([dataset[i][0] for i in range(5)])  # (5, 1, 28, 28)
     from gan_ddp.data import normalize
 
-    torch.testing.assert_close(textbook, normalize(images.unsqueeze(1)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_image, normalize(images.unsqueeze(1)), atol=1e-6, rtol=0)
 
 
 def _trainer(mnist_root: Path, run_dir: Path, *overrides: str, config: Path = SMOKE):
@@ -144,14 +144,14 @@ def test_lean_step_and_textbook_step_agree(mnist_root: Path, tmp_path: Path, reu
         mnist_root, tmp_path, "model.dropout=0", "train.precision='no'", f"train.reuse_fake={reuse_fake}"
     )
     assert trainer.precision == "no" and trainer.cfg.loss.real_label == 1.0
-    G, D = bench.textbook_models(trainer.cfg.model)
+    G, D = textbook.textbook_models(trainer.cfg.model)
     G.load_state_dict(trainer.G_raw.state_dict())
     D[0].load_state_dict(trainer.D_raw.state_dict())
-    opt_g, opt_d = bench.textbook_optimizers(G, D, trainer.cfg.optim)
+    opt_g, opt_d = textbook.textbook_optimizers(G, D, trainer.cfg.optim)
 
     trainer.loader.set_epoch(0)
     batch = next(iter(trainer.loader))
-    transform = bench.textbook_transform()
+    transform = textbook.textbook_transform()
     from PIL import Image
 
     real = torch.stack([transform(Image.fromarray(image.squeeze(0).numpy())) for image in batch[0]])
@@ -159,9 +159,9 @@ def test_lean_step_and_textbook_step_agree(mnist_root: Path, tmp_path: Path, reu
     z_g = z_d if reuse_fake else trainer.noise(1, 1)  # reuse_fake: G is unchanged by the D step
 
     trainer.train_step(batch, 1)
-    loss_d, loss_g = bench.textbook_step(G, D, opt_g, opt_d, nn.BCELoss(), real, z_d, z_g)
+    loss_d, loss_g = textbook.textbook_step(G, D, opt_g, opt_d, nn.BCELoss(), real, z_d, z_g)
 
-    lean_d, lean_g = float(trainer.window[0]), float(trainer.window[3])
+    lean_d, lean_g = trainer.window.value("loss/d"), trainer.window.value("loss/g")
     assert lean_d == pytest.approx(float(loss_d), abs=1e-5)
     assert lean_g == pytest.approx(float(loss_g), abs=1e-5)
     for name, value in trainer.D_raw.state_dict().items():
@@ -186,7 +186,7 @@ def _one_step(mnist_root: Path, run_dir: Path, compile_: bool) -> tuple[list[flo
     trainer.train_step(next(iter(trainer.loader)), 1)
     weights = {f"G.{k}": v.detach().clone() for k, v in trainer.G_raw.state_dict().items()}
     weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.D_raw.state_dict().items()}
-    return trainer.window.tolist(), weights
+    return trainer.window.sums.tolist(), weights
 
 
 @pytest.mark.slow

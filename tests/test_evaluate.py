@@ -526,9 +526,9 @@ def test_two_processes_score_like_one(trained, cache_dir: Path, stats_a, tmp_pat
 
 # ------------------------------------------------------------------------------ CLI functions
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gan-ddp")
-    ev.add_eval_parsers(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    from gan_ddp.cli import build_parser
+
+    return build_parser().parse_args(argv)
 
 
 def test_eval_parser_wants_exactly_one_source(tmp_path: Path) -> None:

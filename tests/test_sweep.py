@@ -13,7 +13,7 @@ import pytest
 import yaml
 from _runs import REPO
 
-from gan_ddp.cli import _parser
+from gan_ddp.cli import build_parser
 from gan_ddp.config import load_config
 
 sweep_utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")
@@ -68,7 +68,7 @@ def test_agent_command_runs_our_cli_with_the_trials_values(index, monkeypatch):
     # The trainer's arguments as launch/run.sh passes them on (after `-m gan_ddp`).
     argv = shlex.split(out.stderr.split("[launch] would run: ")[1].splitlines()[0])
     argv = argv[argv.index("gan_ddp") + 1 :]
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     assert args.command == "train"
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
