@@ -16,8 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a GAN (resumes the newest checkpoint in run.dir by default)")
-    t.add_argument("--config", required=True, help="YAML file, e.g. configs/mnist_mlp.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200 run.dir=/tmp/r")
+    _add_config_args(t, "YAML file, e.g. configs/mnist_mlp.yaml")
 
     s = sub.add_parser("sample", help="generate images from a run's checkpoint")
     s.add_argument("--run", required=True, type=Path, help="run directory")
@@ -124,6 +123,12 @@ def _add_evaluator_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """`--config FILE` and the dotted overrides that every training-like command takes."""
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200 data.root=bundled")
+
+
 def _add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`bench` (gan_ddp.bench)."""
     b = sub.add_parser(
@@ -131,8 +136,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="measure the training step (images/s, time split, memory, checkpoint save); --baseline compares "
         "with a textbook PyTorch loop",
     )
-    b.add_argument("--config", required=True, help="YAML file, e.g. configs/mnist_mlp.yaml")
-    b.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=bundled data.split=test")
+    _add_config_args(b, "YAML file, e.g. configs/mnist_mlp.yaml")
     b.add_argument("--baseline", action="store_true", help="also time the textbook loop on the same model and batch")
     b.add_argument("--json", type=Path, help="write every figure to this file (one flat JSON object)")
     b.add_argument("--warmup", type=int, default=20, help="iterations before timing (default 20)")
@@ -153,8 +157,7 @@ def _add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="train the tutorials' loop (bench's --baseline) for a time budget, writing sample files for "
         "`gan-ddp eval --samples`: the reference for sample quality per unit of time",
     )
-    t.add_argument("--config", required=True, help="YAML file: model, optimiser, batch and data are taken from it")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _add_config_args(t, "YAML file: model, optimiser, batch and data are taken from it")
     t.add_argument("--seconds", type=float, required=True, help="training budget, wall seconds (data loading counts)")
     t.add_argument("--every", type=float, default=60.0, help="write samples every this many training seconds")
     t.add_argument("--n", "--num-samples", dest="n", type=int, default=10000, help="samples per file")

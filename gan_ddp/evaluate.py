@@ -824,23 +824,12 @@ def run_eval(args: Any) -> int:
         from gan_ddp.rundir import load_generator_from_run
 
         G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
-        dataset = args.dataset or cfg.data.dataset
-        root, split = args.root or cfg.data.root, args.split or cfg.data.split
+        dataset, root, split = _real_data(args, cfg)
         accelerator = make_accelerator("no")
         check_distributed(accelerator.num_processes)
         evaluator, stats = prepare_evaluation(accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator)
         info = evaluator.info
-        metrics = score_generator(
-            accelerator,
-            G.to(accelerator.device),
-            evaluator,
-            stats,
-            args.n,
-            cfg.model.z_dim,
-            args.seed,
-            args.batch,
-            conditional=cfg.model.conditional,
-        )
+        metrics = _score_run_generator(accelerator, G, cfg, evaluator, stats, args)
         source = f"{checkpoint} ({'raw G' if args.no_ema else 'EMA G if saved'}, seed {args.seed})"
         is_main = accelerator.is_main_process
     if is_main:
@@ -863,6 +852,26 @@ def run_eval(args: Any) -> int:
     return 0
 
 
+def _real_data(args: Any, cfg: Any) -> tuple[str, str, str]:
+    """(dataset, root, split) of the real images: the command line's, else the run's own data."""
+    return args.dataset or cfg.data.dataset, args.root or cfg.data.root, args.split or cfg.data.split
+
+
+def _score_run_generator(accelerator: Any, G: Any, cfg: Any, evaluator: Any, stats: Any, args: Any) -> dict:
+    """`eval --run`: the run's generator scored on --n samples of noise seed --seed (all ranks)."""
+    return score_generator(
+        accelerator,
+        G.to(accelerator.device),
+        evaluator,
+        stats,
+        args.n,
+        cfg.model.z_dim,
+        args.seed,
+        args.batch,
+        conditional=cfg.model.conditional,
+    )
+
+
 def _eval_all_checkpoints(args: Any) -> int:
     """``eval --run DIR --all-checkpoints``: the curve of a run, from its kept checkpoints (set
     ``checkpoint.keep`` high enough when training). ``time_s`` is the run's training time at the checkpoint."""
@@ -882,22 +891,11 @@ def _eval_all_checkpoints(args: Any) -> int:
                 print(f"skipping checkpoint: {exc}")
             continue
         if evaluator is None:
-            dataset = args.dataset or cfg.data.dataset
-            root, split = args.root or cfg.data.root, args.split or cfg.data.split
+            dataset, root, split = _real_data(args, cfg)
             evaluator, stats = prepare_evaluation(
                 accelerator, dataset, root, split, args.cache_dir, kind=args.evaluator
             )
-        metrics = score_generator(
-            accelerator,
-            G.to(accelerator.device),
-            evaluator,
-            stats,
-            args.n,
-            cfg.model.z_dim,
-            args.seed,
-            args.batch,
-            conditional=cfg.model.conditional,
-        )
+        metrics = _score_run_generator(accelerator, G, cfg, evaluator, stats, args)
         state = ckpt.read_state(directory)
         rows.append({"step": state["step"], "time_s": state.get("time_s"), "checkpoint": directory.name, **metrics})
     if not rows:
