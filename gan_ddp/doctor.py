@@ -120,7 +120,8 @@ def driver_problem(machine: Machine) -> str | None:
     return (
         f"NVIDIA driver {machine.driver} is loaded but this torch {machine.torch} build (CUDA {machine.cuda}) "
         "sees no GPU: training would run on the CPU. The driver is probably older than the build needs; "
-        f"driver 470 (the last with K80 support) takes the K80 stack: `{K80_STACK_INSTALL}`"
+        f"driver 470 (the last with K80 support) takes the K80 stack: `{K80_STACK_INSTALL}`. "
+        "To use the CPU on purpose, set CUDA_VISIBLE_DEVICES="
     )
 
 
@@ -145,14 +146,18 @@ def launch_command(machine: Machine) -> str:
     )
 
 
-def _driver_version() -> str | None:
-    path = Path("/proc/driver/nvidia/version")
+def loaded_driver() -> str | None:
+    """Version of the loaded NVIDIA kernel module (/proc/driver/nvidia/version), None when none is loaded."""
     try:
-        text = path.read_text()
+        text = Path("/proc/driver/nvidia/version").read_text()
     except OSError:
-        return "unknown version" if shutil.which("nvidia-smi") else None
+        return None
     match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
     return match.group(1) if match else "unknown version"
+
+
+def _driver_version() -> str | None:
+    return loaded_driver() or ("unknown version" if shutil.which("nvidia-smi") else None)
 
 
 def visible_gpus() -> list[GPU]:
@@ -233,6 +238,14 @@ def check_gpu_kernels(machine: Machine | None = None) -> None:
     """Train's start-up check: raise GPUSupportError (one line) if a visible GPU has no kernels here."""
     if machine is None:
         if not torch.cuda.is_available():
+            # A loaded driver that this build cannot use (driver 470 under CUDA 13) would train on the CPU
+            # without a word; only the kernel module counts here, not an nvidia-smi left on the PATH.
+            driver = loaded_driver()
+            problem = driver_problem(
+                Machine(torch=str(torch.__version__), cuda=torch.version.cuda, cudnn=None, archs=[], driver=driver)
+            )
+            if problem:
+                raise GPUSupportError(problem)
             return
         # only what the check needs: every rank runs it before training, so no cuDNN or NCCL probing
         machine = Machine(

@@ -714,6 +714,8 @@ class Trainer:
             # (`iteration`) to the sampler, and skip_first_batches copies that counter.
             self.loader.set_epoch(epoch)
             batches = acc.skip_first_batches(self.loader, position) if position else self.loader
+            if position:  # Accelerate < 1.11 (the K80 stack's 1.10) starts the skipping loader at epoch 0
+                batches.set_epoch(epoch)
             for batch in batches:
                 t0 = time.monotonic()
                 self.advance(batch)

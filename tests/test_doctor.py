@@ -97,6 +97,24 @@ def test_driver_that_torch_cannot_use_is_reported_unless_gpus_are_hidden(monkeyp
     assert doctor.driver_problem(m) is None
 
 
+def test_train_refuses_a_driver_this_build_cannot_use(monkeypatch):
+    """A p2 box under the default stack: driver 470 loaded, torch sees no GPU; training would silently run
+    on the CPU, so the start-up check refuses, unless GPUs are hidden on purpose."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(doctor, "loaded_driver", lambda: "470.256.02")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(GPUSupportError, match=r"driver 470\.256\.02 .*STACK=k80.*CUDA_VISIBLE_DEVICES=$"):
+        doctor.check_gpu_kernels()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    doctor.check_gpu_kernels()  # CPU on purpose
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(doctor, "loaded_driver", lambda: None)
+    doctor.check_gpu_kernels()  # no driver: a CPU machine
+
+
 def test_gather_reads_every_gpu_through_torch(monkeypatch):
     """gather() with torch.cuda mocked: a two-GPU K80 box under the default build."""
     import torch
