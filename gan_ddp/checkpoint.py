@@ -146,9 +146,9 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensor
     try:
         return _save(accelerator, root, step, state, extra_tensors)
     except BaseException as exc:
+        error = as_os_error(exc, tmp) if isinstance(exc, Exception) else None  # reads free space: before cleaning
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        error = as_os_error(exc, tmp) if isinstance(exc, Exception) else None
         if error is None or error is exc:
             raise
         raise error from exc
