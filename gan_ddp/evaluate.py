@@ -912,7 +912,10 @@ def _eval_all_checkpoints(args: Any) -> int:
         for row in rows:
             time_s = "-" if row["time_s"] is None else f"{row['time_s']:.0f}"
             table.add_row(str(row["step"]), time_s, *(_format(row[k]) if k in row else "-" for k in keys))
-        Console(highlight=False).print(table)
+        console = Console(highlight=False)
+        if not console.is_terminal:  # logs and pipes: room for every column instead of 80 characters
+            console.width = 240
+        console.print(table)
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"evaluator": evaluator.info.arch, "rows": rows}, indent=2) + "\n")
