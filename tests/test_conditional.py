@@ -225,7 +225,6 @@ def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli)
     assert (probs.argmax(1) == balanced_labels(100)).float().mean().item() >= BALANCED_AGREEMENT_MIN
 
 
-@needs_mnist
 def test_sample_and_interpolate_options_for_conditional_runs(tmp_path, run_cli) -> None:
     conditional, plain = tmp_path / "conditional", tmp_path / "plain"
     assert train_inproc(conditional, "model.conditional=true", "train.steps=5") == 0

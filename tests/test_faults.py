@@ -20,7 +20,6 @@ import psutil
 import pytest
 import torch
 from _runs import (
-    MNIST,
     REPO,
     base_env,
     metric_lines,
@@ -38,7 +37,6 @@ from gan_ddp import faults
 from gan_ddp.config import ConfigError, load_config
 from gan_ddp.trainer import SECOND_INTERRUPT_AFTER_S, StopRequest, Trainer
 
-needs_data = pytest.mark.skipif(not MNIST.is_dir(), reason="needs ../shared/data/mnist")
 LONG = ("train.epochs=1000", "train.steps=null", "log.every=1")
 
 
@@ -112,7 +110,6 @@ def test_config_rejects_non_finite_floats_naming_the_key(override):
 
 
 # ---------------------------------------------------------------------------------------------- divergence
-@needs_data
 def test_absurd_learning_rate_stops_with_exit_3_and_writes_nothing_non_finite(tmp_path):
     run = tmp_path / "run"
     overrides = ("train.precision=bf16", "optim.lr_d=1e12", "optim.lr_g=1e12", "checkpoint.every=10", "train.steps=60")
@@ -125,7 +122,6 @@ def test_absurd_learning_rate_stops_with_exit_3_and_writes_nothing_non_finite(tm
     assert lines[-1]["step"] == 5 and lines[-1]["loss/d"] is None
 
 
-@needs_data
 @pytest.mark.parametrize("log_every", [1, 1000], ids=["caught in the metrics", "caught before a checkpoint"])
 def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsys, monkeypatch, log_every):
     run = tmp_path / "run"
@@ -160,7 +156,6 @@ def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsy
     assert [m["step"] for m in metric_lines(run)] == sorted({m["step"] for m in metric_lines(run)})
 
 
-@needs_data
 @pytest.mark.parametrize("persistent", [False, True], ids=["recovers", "rollbacks exhausted"])
 def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
     run = tmp_path / "run"
@@ -196,7 +191,6 @@ def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
         assert times == sorted(times)
 
 
-@needs_data
 def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, run_cli):
     run = tmp_path / "run"
     assert train_inproc(run, "train.steps=10") == 0
@@ -214,7 +208,6 @@ def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, run_cli):
 
 
 # ---------------------------------------------------------------------------------------------- run.dir lock
-@needs_data
 def test_second_trainer_refuses_and_a_killed_holder_never_blocks(tmp_path, capsys):
     run = tmp_path / "run"
     first = popen_train(run, *LONG, "checkpoint.every=5")
@@ -239,7 +232,6 @@ def test_second_trainer_refuses_and_a_killed_holder_never_blocks(tmp_path, capsy
 
 
 # ---------------------------------------------------------------------------------------------- I/O errors
-@needs_data
 def test_run_dir_below_a_file_is_one_line_exit_74(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = cli_inproc(train_cmd(tmp_path / "file" / "run"), capsys)
@@ -268,7 +260,6 @@ def _raise_in_save(kind: str):
     return fail
 
 
-@needs_data
 @pytest.mark.parametrize(
     ("kind", "words"),
     [("ENOSPC", "disk full"), ("EROFS", "read-only filesystem"), ("EACCES", "permission denied"),
@@ -309,7 +300,6 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@needs_data
 @pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl"])
 def test_checkpoint_file_failing_safe_loading_is_refused(tmp_path, capsys, target):
     run = tmp_path / "run"
@@ -356,7 +346,6 @@ def test_interrupt_is_one_line_exit_130(capsys, monkeypatch):
     assert "interrupted" in one_error_line(capsys.readouterr().err)
 
 
-@needs_data
 def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
     run = tmp_path / "run"
     proc = popen_train(run, *LONG, "checkpoint.every=100000")
@@ -374,7 +363,6 @@ def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
     assert f"step {step})" in capsys.readouterr().out
 
 
-@needs_data
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path):
     run = tmp_path / "run"
@@ -415,7 +403,6 @@ def _launch(run: Path, *overrides: str, log: Path) -> subprocess.Popen:
     )
 
 
-@needs_data
 @pytest.mark.multiprocess
 def test_divergence_under_torchrun_is_one_line_not_a_consistency_failure(tmp_path):
     run = tmp_path / "run"
@@ -429,7 +416,6 @@ def test_divergence_under_torchrun_is_one_line_not_a_consistency_failure(tmp_pat
     assert not ckpt.list_checkpoints(run / "checkpoints")
 
 
-@needs_data
 @pytest.mark.multiprocess
 def test_ctrl_c_on_the_process_group_under_torchrun(tmp_path):
     run, log = tmp_path / "run", tmp_path / "out.txt"
@@ -445,7 +431,6 @@ def test_ctrl_c_on_the_process_group_under_torchrun(tmp_path):
     assert step > 0
 
 
-@needs_data
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_stalled_rank_times_out_with_one_line_and_a_rerun_resumes(tmp_path):
@@ -475,7 +460,6 @@ def test_stalled_rank_times_out_with_one_line_and_a_rerun_resumes(tmp_path):
     assert f"(step {newest})" in rerun.stdout
 
 
-@needs_data
 @pytest.mark.multiprocess
 def test_dead_worker_ends_torchrun_at_once_and_a_rerun_resumes(tmp_path):
     run, log = tmp_path / "run", tmp_path / "out.txt"
