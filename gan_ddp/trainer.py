@@ -524,9 +524,10 @@ class Trainer:
         if state["model"] != current:
             diff = [k for k in sorted(set(state["model"]) | set(current)) if state["model"].get(k) != current.get(k)]
             k = diff[0]
+            absent = False if k == "conditional" else None  # the signature leaves conditional out when false
             raise ckpt.CheckpointError(
-                f"{found}: checkpoint is of another model: model.{k}={state['model'].get(k)!r} there, "
-                f"{current.get(k)!r} here"
+                f"{found}: checkpoint is of another model: model.{k}={state['model'].get(k, absent)!r} there, "
+                f"{current.get(k, absent)!r} here"
             )
         if state["global_batch"] != self.cfg.train.batch_size:
             raise ckpt.CheckpointError(

@@ -124,3 +124,23 @@ def train_inproc(run_dir: Path, *overrides: str, config: Path = SMOKE) -> int:
         config, [f"data.root={MNIST}", "data.split=test", f"run.dir={run_dir}", "log.wandb=disabled", *overrides]
     )
     return Trainer(cfg).train()
+
+
+def assert_two_processes_match_one(tmp_path: Path, *overrides: str) -> None:
+    """Train the same run with 2 processes (torchrun) and with 1: weights, EMA and per-step losses agree
+    up to float reassociation (the optimizer states' moments are compared by the resume tests)."""
+    import pytest
+
+    two_proc = torchrun(2, train_cmd(tmp_path / "two", *overrides))
+    assert two_proc.returncode == 0, two_proc.stdout[-3000:] + two_proc.stderr[-3000:]
+    assert train_inproc(tmp_path / "one", *overrides) == 0
+    two, one = (checkpoint_tensors(newest_checkpoint(tmp_path / d)) for d in ("two", "one"))
+    assert_same_tensors(
+        {k: v for k, v in two.items() if not k.startswith("optimizer")},
+        {k: v for k, v in one.items() if not k.startswith("optimizer")},
+        atol=2e-5,
+    )
+    a, b = losses_by_step(tmp_path / "two"), losses_by_step(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-4)

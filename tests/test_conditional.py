@@ -13,11 +13,11 @@ import torch
 from _runs import (
     MNIST,
     assert_same_tensors,
+    assert_two_processes_match_one,
     checkpoint_tensors,
     losses_by_step,
     newest_checkpoint,
     single,
-    torchrun,
     train_cmd,
     train_inproc,
 )
@@ -186,19 +186,7 @@ def test_unconditional_checkpoint_is_refused_by_a_conditional_config(tmp_path) -
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> None:
     """Fake labels and augmentation draws depend on the global sample index: 2 x 1000 == 1 x 2000."""
-    common = (*EXACT, *CONDITIONAL, "train.steps=6", "model.dropout=0.0")
-    ok(torchrun(2, train_cmd(tmp_path / "two", *common)))
-    assert train_inproc(tmp_path / "one", *common) == 0
-    two, one = (checkpoint_tensors(newest_checkpoint(tmp_path / d)) for d in ("two", "one"))
-    assert_same_tensors(
-        {k: v for k, v in two.items() if not k.startswith("optimizer")},
-        {k: v for k, v in one.items() if not k.startswith("optimizer")},
-        atol=2e-5,
-    )
-    a, b = losses_by_step(tmp_path / "two"), losses_by_step(tmp_path / "one")
-    assert a.keys() == b.keys()
-    for step in a:
-        assert a[step] == pytest.approx(b[step], abs=1e-4)
+    assert_two_processes_match_one(tmp_path, *EXACT, *CONDITIONAL, "train.steps=6", "model.dropout=0.0")
 
 
 # ------------------------------------------------------------------------------ sample --digit

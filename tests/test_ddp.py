@@ -16,6 +16,7 @@ import pytest
 from _runs import (
     REPO,
     assert_same_tensors,
+    assert_two_processes_match_one,
     base_env,
     checkpoint_tensors,
     free_port,
@@ -142,22 +143,7 @@ def test_shards_are_disjoint_cover_the_data_and_reshuffle(tmp_path):
 
 def test_two_processes_match_one_process(tmp_path):
     """Dropout off: noise and data order depend on the global sample index, so 2 x 1000 == 1 x 2000."""
-    common = (*SHORT, "train.steps=6", "model.dropout=0.0")
-    ok(torchrun(2, train_cmd(tmp_path / "two", *common)))
-    assert train_inproc(tmp_path / "one", *common) == 0
-    two, one = (
-        checkpoint_tensors(newest_checkpoint(tmp_path / "two")),
-        checkpoint_tensors(newest_checkpoint(tmp_path / "one")),
-    )
-    assert_same_tensors(
-        {k: v for k, v in two.items() if not k.startswith("optimizer")},
-        {k: v for k, v in one.items() if not k.startswith("optimizer")},
-        atol=2e-5,
-    )
-    a, b = losses_by_step(tmp_path / "two"), losses_by_step(tmp_path / "one")
-    assert a.keys() == b.keys()
-    for step in a:
-        assert a[step] == pytest.approx(b[step], abs=1e-4)
+    assert_two_processes_match_one(tmp_path, *SHORT, "train.steps=6", "model.dropout=0.0")
 
 
 def test_resume_is_exact_with_two_processes(tmp_path):
