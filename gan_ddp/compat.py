@@ -7,7 +7,9 @@ the running torch can do instead of comparing versions itself; each guard says w
 
 from __future__ import annotations
 
+import functools
 import sys
+import time
 
 import torch
 from torch.torch_version import TorchVersion
@@ -89,3 +91,32 @@ def install_shims() -> None:
     for name, function in CPU_DEVICE_MODULE.items():
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, function)
+
+    if TORCH < "2.1":
+        _settle_gloo_before_teardown()
+
+
+# How long the main thread lets gloo's worker threads finish before it destroys a process group.
+GLOO_SETTLE_S = 0.2
+
+
+def _settle_gloo_before_teardown() -> None:
+    """torch 2.0 can deadlock when a gloo process group is destroyed (seen here on the K80 stack: ranks hung for
+    good at the end of training, in three of the suite's multi-process tests in one run). The group's destructor joins its worker thread while
+    holding the GIL, and that thread may still be freeing the tensors of the last collective, which needs the
+    GIL (it drops their Python objects). Waiting a moment, with the GIL released, before the group is destroyed
+    lets the worker finish first. Accelerate calls `torch.distributed.destroy_process_group` through the module,
+    so wrapping it there covers `end_training` and our own teardown alike."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+    if getattr(destroy, "_gan_ddp_settles", False):
+        return
+
+    @functools.wraps(destroy)
+    def destroy_process_group(*args: object, **kwargs: object) -> None:
+        time.sleep(GLOO_SETTLE_S)
+        destroy(*args, **kwargs)
+
+    destroy_process_group._gan_ddp_settles = True  # type: ignore[attr-defined]
+    dist.destroy_process_group = destroy_process_group
