@@ -68,3 +68,19 @@ def test_reduce_overhead_is_refused_on_cpu_with_one_line(tmp_path, capsys, mnist
         assert err[0].startswith("error: train.compile: ")
     else:
         assert err[0].startswith("error: train.compile_mode: reduce-overhead captures CUDA graphs and needs a GPU")
+
+
+def test_process_group_teardown_waits_for_gloo_workers_first(monkeypatch) -> None:
+    """torch < 2.1: destroying a gloo group right after a collective can deadlock on the GIL; the wrapper
+    installed by `install_shims` waits (GIL released) first, then destroys, once however often installed."""
+    import torch.distributed as dist
+
+    from gan_ddp import compat
+
+    events: list[str] = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: events.append(f"destroy {group}"))
+    monkeypatch.setattr(compat.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    compat._settle_gloo_before_teardown()
+    compat._settle_gloo_before_teardown()  # idempotent: no second wrapper
+    dist.destroy_process_group("g")
+    assert events == [f"sleep {compat.GLOO_SETTLE_S}", "destroy g"]
