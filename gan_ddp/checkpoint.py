@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gan_ddp import compat
 from gan_ddp.errors import GanDdpError
 
 MANIFEST = "manifest.json"
@@ -197,6 +198,10 @@ def check_loadable(directory: Path, world_size: int) -> None:
 
     for path in sorted([*directory.glob("*.bin"), *directory.glob("*.pkl")]):
         try:
+            if not compat.safe_load_allowlist():
+                # Accelerate's `load` (and so `load_state`) falls back to a plain, code-running torch.load
+                # below torch 2.4: read the pickle's imports ourselves before anything unpickles it.
+                _check_pickle_globals(path)
             loaded = load(path, map_location="cpu")
         except Exception as exc:
             raise CheckpointError(
@@ -209,6 +214,57 @@ def check_loadable(directory: Path, world_size: int) -> None:
     for rank in range(world_size):
         if not (directory / f"random_states_{rank}.pkl").is_file():
             raise CheckpointError(f"{directory}: random_states_{rank}.pkl is missing (process {rank}'s RNG state)")
+
+
+def _allowed_global(name: str) -> bool:
+    """What torch.save and Accelerate's RNG files import: tensor and storage rebuilders, an ordered dict,
+    numpy arrays (the numpy RNG state) and the codec pickle uses for bytes. Nothing that can run a command."""
+    module, _, attr = name.rpartition(".")
+    return (
+        name in _SAFE_GLOBALS
+        or (module == "torch" and attr.endswith("Storage"))
+        or (module == "torch._utils" and attr.startswith("_rebuild_"))
+        or (module in ("numpy.core.multiarray", "numpy._core.multiarray") and attr in ("_reconstruct", "scalar"))
+    )
+
+
+_SAFE_GLOBALS = {
+    "collections.OrderedDict",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "_codecs.encode",
+    "torch.Size",
+    "torch.device",
+    "torch.storage.UntypedStorage",
+    "torch.storage._load_from_bytes",
+}
+
+
+def _check_pickle_globals(path: Path) -> None:
+    """Raise ValueError("Trying to load unsupported GLOBAL m.n") for the first import outside `_allowed_global`
+    in the pickle at `path` (or in each pickle of a torch.save zip). Reads opcodes only: nothing is executed."""
+    import io
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            payloads = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    else:
+        payloads = [path.read_bytes()]
+    for payload in payloads:
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(io.BytesIO(payload)):
+            if isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)  # STACK_GLOBAL takes module and name from the two strings pushed before it
+            elif op.name in ("GLOBAL", "INST"):
+                name = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL":
+                name = ".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>"
+            else:
+                continue
+            if op.name in ("GLOBAL", "INST", "STACK_GLOBAL") and not _allowed_global(name):
+                raise ValueError(f"Trying to load unsupported GLOBAL {name}")
 
 
 def _reason(exc: Exception) -> str:

@@ -48,6 +48,13 @@ def compile_unsupported(version: str | None = None, python: tuple[int, int] | No
     return None
 
 
+def safe_load_allowlist(version: str | None = None) -> bool:
+    """torch >= 2.4 loads pickles with `weights_only=True` plus an allowlist of extra globals
+    (`add_safe_globals`), which Accelerate's `load` relies on; below it Accelerate loads with a plain,
+    code-running torch.load, so gan_ddp.checkpoint vets the pickle's imports itself first."""
+    return _version(version) >= "2.4"
+
+
 def cudagraph_mark_step_begin() -> None:
     """Tell torch.compile's CUDA-graph trees that a new training step starts, so outputs of the previous
     step's graphs may be overwritten (torch >= 2.1; 2.0's reduce-overhead mode has no such marker)."""
@@ -101,12 +108,13 @@ GLOO_SETTLE_S = 0.2
 
 
 def _settle_gloo_before_teardown() -> None:
-    """torch 2.0 can deadlock when a gloo process group is destroyed (seen here on the K80 stack: ranks hung for
-    good at the end of training, in three of the suite's multi-process tests in one run). The group's destructor joins its worker thread while
-    holding the GIL, and that thread may still be freeing the tensors of the last collective, which needs the
-    GIL (it drops their Python objects). Waiting a moment, with the GIL released, before the group is destroyed
-    lets the worker finish first. Accelerate calls `torch.distributed.destroy_process_group` through the module,
-    so wrapping it there covers `end_training` and our own teardown alike."""
+    """torch 2.0 can deadlock when a gloo process group is destroyed (seen here on the K80 stack: ranks hung
+    for good at the end of training, in three of the suite's multi-process tests in one run). The group's
+    destructor joins its worker thread while holding the GIL, and that thread may still be freeing the
+    tensors of the last collective, which needs the GIL (it drops their Python objects). Waiting a moment,
+    with the GIL released, before the group is destroyed lets the worker finish first. Accelerate calls
+    `torch.distributed.destroy_process_group` through the module, so wrapping it there covers
+    `end_training` and our own teardown alike."""
     import torch.distributed as dist
 
     destroy = dist.destroy_process_group
