@@ -301,26 +301,19 @@ def load_arrays(
     main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> tuple[Tensor, Tensor]:
     """Load images uint8 (N, 28, 28) and labels int64 (N,); split "all" is train then test."""
-    images, labels, _ = load_data(dataset, root, split, download, main_process_first=main_process_first)
+    images, labels, _ = _load(dataset, root, split, download, False, main_process_first)
     return images, labels
 
 
-def load_data(
+def _load(
     dataset: str,
     root: str | Path,
     split: str,
     download: bool,
-    fallback: bool = False,
-    main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
-    note: Callable[[str], object] | None = None,
-) -> tuple[Tensor, Tensor, DataInfo]:
-    """Images uint8 (N, 28, 28), labels int64 (N,) and what was read; split "all" is train then test.
-
-    With ``fallback``, a failed MNIST download trains on the bundled test split instead, and ``note``
-    (e.g. the main process's console) is told so in one line. ``main_process_first`` is e.g.
-    ``accelerator.main_process_first``; it holds barriers, so it is entered exactly once on every
-    process, download or not.
-    """
+    fallback: bool,
+    main_process_first: Callable[[], AbstractContextManager[object]],
+) -> tuple[Tensor, Tensor, str]:
+    """Images, labels and where they came from ("files", "download" or "fallback")."""
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("split", split, SPLITS)
     splits = ("train", "test") if split == "all" else (split,)
@@ -342,6 +335,26 @@ def load_data(
         images, labels = parts[0]
     else:
         images, labels = torch.cat([i for i, _ in parts]), torch.cat([lab for _, lab in parts])
+    return images, labels, source
+
+
+def load_data(
+    dataset: str,
+    root: str | Path,
+    split: str,
+    download: bool,
+    fallback: bool = False,
+    main_process_first: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    note: Callable[[str], object] | None = None,
+) -> tuple[Tensor, Tensor, DataInfo]:
+    """Images uint8 (N, 28, 28), labels int64 (N,) and what was read; split "all" is train then test.
+
+    With ``fallback``, a failed MNIST download trains on the bundled test split instead, and ``note``
+    (e.g. the main process's console) is told so in one line. ``main_process_first`` is e.g.
+    ``accelerator.main_process_first``; it holds barriers, so it is entered exactly once on every
+    process, download or not.
+    """
+    images, labels, source = _load(dataset, root, split, download, fallback, main_process_first)
     bundled = source == "fallback" or is_bundled(root)
     info = DataInfo(
         dataset=dataset,
