@@ -89,11 +89,11 @@ def popen_train(run: Path, *overrides: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def wait_for(predicate, seconds: float = 180) -> None:
+def wait_for(predicate, seconds: float = 180, poll: float = 0.2) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
         assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -365,19 +365,32 @@ def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path):
-    run = tmp_path / "run"
-    # DCGAN at batch 2000: a step takes seconds, so the second Ctrl-C lands before the stop is done.
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    # DCGAN at batch 2000: a step takes long enough for the test to catch the stop in the middle of it.
     slow = ("model.arch=dcgan", "train.batch_size=2000", "checkpoint.every=100000")
-    proc = popen_train(run, *LONG, *slow)
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gan_ddp", *train_cmd(run, *LONG, *slow)],
+            cwd=REPO,
+            env=base_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     wait_for(lambda: (run / "metrics.jsonl").exists(), seconds=300)
     proc.send_signal(signal.SIGINT)
+    wait_for(lambda: "Ctrl-C: stopping" in err.read_text(), seconds=60, poll=0.005)
+    # Frozen mid-stop, the run cannot finish its checkpoint before the second Ctrl-C, however fast this
+    # machine's steps are; that Ctrl-C, delivered on SIGCONT, comes more than SECOND_INTERRUPT_AFTER_S later.
+    proc.send_signal(signal.SIGSTOP)
     time.sleep(SECOND_INTERRUPT_AFTER_S + 0.3)
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    proc.send_signal(signal.SIGCONT)
+    proc.wait(timeout=120)
+    text = err.read_text()
+    assert proc.returncode == 130, text[-3000:]
     assert time.monotonic() - t0 < 30
-    assert "interrupted" in one_error_line("\n".join(s for s in stderr.splitlines() if not s.startswith("Ctrl-C:")))
+    assert "interrupted" in one_error_line("\n".join(s for s in text.splitlines() if not s.startswith("Ctrl-C:")))
     assert not list((run / "checkpoints").glob("step_*")) and not (run / "PREEMPTED").exists()
 
 
