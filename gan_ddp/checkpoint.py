@@ -20,6 +20,7 @@ from typing import Any
 
 from gan_ddp import compat
 from gan_ddp.errors import GanDdpError
+from gan_ddp.fsutil import atomic_write
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -53,12 +54,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
 
 
 def write_manifest(directory: Path) -> None:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     """The ``eval`` and ``train-evaluator`` subcommands (gan_ddp.evaluate)."""
-    from gan_ddp.evaluate import DEFAULT_EPOCHS
+    from gan_ddp.evaluator import DEFAULT_EPOCHS
 
     e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
     what = e.add_mutually_exclusive_group(required=True)
@@ -113,11 +113,11 @@ def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
 
 
 def _add_evaluator_arg(p: argparse.ArgumentParser) -> None:
-    from gan_ddp.evaluate import EVALUATOR_ARCHS
+    from gan_ddp.evaluator import EVALUATORS
 
     p.add_argument(
         "--evaluator",
-        choices=tuple(EVALUATOR_ARCHS),
+        choices=EVALUATORS.names(),
         default="cnn",
         help="feature network: cnn (default) or mlp, a second classifier sharing nothing with it",
     )

@@ -18,16 +18,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from gan_ddp.errors import GanDdpError
-
-
-class ConfigError(GanDdpError, ValueError):
-    """A bad configuration value; the message is one line that names the key."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+from gan_ddp import registry
+from gan_ddp.errors import ConfigError
+from gan_ddp.registry import check_choice as _choice
 
 
 def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -226,7 +219,7 @@ class EvalConfig:
         _positive("eval.every", self.every, allow_none=True)
         _positive("eval.n", self.n)
         _positive("eval.batch", self.batch)
-        _choice("eval.evaluator", self.evaluator, ("cnn", "mlp"))
+        registry.lookup("eval.evaluator").check(self.evaluator)
 
 
 AUGMENT_OPS = ("translation", "cutout")

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gan_ddp.barrier import main_first
 from gan_ddp.errors import GanDdpError
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -317,18 +318,8 @@ def _load(
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("split", split, SPLITS)
     splits = ("train", "test") if split == "all" else (split,)
-    failure: Exception | None = None
-    paths: list[tuple[Path, Path]] = []
-    source = "files"
-    with main_process_first():
-        # Raising inside the block would skip Accelerate's closing barrier and hang the other
-        # processes, so any error is held until every process has left it.
-        try:
-            paths, source = _locate(dataset, root, splits, download, fallback)
-        except Exception as exc:
-            failure = exc
-    if failure is not None:
-        raise failure
+    with main_first(main_process_first):  # an error is raised once every process has left the block
+        paths, source = _locate(dataset, root, splits, download, fallback)
     # Read outside the block so processes read in parallel rather than one after another.
     parts = [_read_split(*p) for p in paths]
     if len(parts) == 1:

@@ -179,10 +179,13 @@ class ConsistencyError(GanDdpError, RuntimeError):
     """Ranks hold different weights; the message names the first differing tensor."""
 
 
-def check_consistency(accelerator, models: dict[str, nn.Module], step: int, buffers: bool = True) -> int:
+def check_consistency(
+    accelerator, models: dict[str, nn.Module], step: int | None, buffers: bool = True, hint: str = ""
+) -> int:
     """All ranks: gather weight checksums and fail, naming the first tensor that differs from rank 0.
     Buffers (BatchNorm statistics) are compared only when asked: ranks keep their own between the
-    points where `average_buffers` syncs them. Returns the number of tensors compared (0 with one process)."""
+    points where `average_buffers` syncs them; `step` None leaves the step out of the message and `hint` ends it.
+    Returns the number of tensors compared (0 with one process)."""
     if accelerator.num_processes == 1:
         return 0
     named = [
@@ -191,14 +194,15 @@ def check_consistency(accelerator, models: dict[str, nn.Module], step: int, buff
         for name, t in list(model.named_parameters()) + (list(model.named_buffers()) if buffers else [])
     ]
     names, digest = weights_digest(named)
-    everyone = accelerator.gather(digest.unsqueeze(0))  # (world, n_tensors, 2)
+    everyone = accelerator.gather(digest.unsqueeze(0).to(accelerator.device))  # (world, n_tensors, 2)
     # NaN != NaN: a tensor that is NaN on every rank is not a difference between ranks (the divergence
     # guard reports it), a NaN on some ranks only is.
     both_nan = everyone.isnan() & everyone[0:1].isnan()
     differs = ((everyone != everyone[0:1]) & ~both_nan).any(dim=2)  # (world, n_tensors)
     if bool(differs.any()):
         rank, index = (int(i) for i in differs.nonzero()[0])
+        at = "" if step is None else f" at step {step}"
         raise ConsistencyError(
-            f"DDP consistency check failed at step {step}: {names[index]} differs between rank 0 and rank {rank}"
+            f"DDP consistency check failed{at}: {names[index]} differs between rank 0 and rank {rank}{hint}"
         )
     return len(names)

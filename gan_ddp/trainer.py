@@ -39,6 +39,7 @@ from gan_ddp.distributed import (
 )
 from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
+from gan_ddp.fsutil import atomic_write
 from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.metrics import MetricWindow
 from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
@@ -183,10 +184,10 @@ class Trainer:
         self.evaluator = self.real_stats = None
         if cfg.eval.every:  # all ranks: the main process trains/caches the evaluator first, the others wait
             from gan_ddp.evaluate import prepare_evaluation
+            from gan_ddp.evaluator import RealData
 
-            self.evaluator, self.real_stats = prepare_evaluation(
-                acc, cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.eval.cache_dir, kind=cfg.eval.evaluator
-            )
+            real = RealData(cfg.data.dataset, cfg.data.root, cfg.data.split, images, labels, self.data_info.sha256)
+            self.evaluator, self.real_stats = prepare_evaluation(acc, real, cfg.eval.cache_dir, kind=cfg.eval.evaluator)
 
         self.steps_per_epoch = len(self.loader)
         by_epochs = cfg.train.epochs * self.steps_per_epoch
@@ -412,9 +413,7 @@ class Trainer:
                     kept.append(line)
             except (ValueError, KeyError):
                 continue  # a line cut by a crash
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def sample_images(
         self, noise: torch.Tensor, use_ema: bool = True, labels: torch.Tensor | None = None
@@ -445,7 +444,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Collective: every rank generates its share of eval.n samples; FID, coverage and confidence
         from the gathered features are logged by the main process."""
-        from gan_ddp.evaluate import score_generator, summary_line
+        from gan_ddp.eval_metrics import summary_line
+        from gan_ddp.evaluate import score_generator
 
         e = self.cfg.eval
         average_buffers(self.accelerator, [self.G_raw] + ([self.ema.shadow] if self.ema else []))
