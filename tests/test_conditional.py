@@ -192,11 +192,14 @@ def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> 
 # ------------------------------------------------------------------------------ sample --digit
 @pytest.mark.slow
 def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli) -> None:
-    from gan_ddp.evaluate import extract_features, load_or_train_evaluator
+    from gan_ddp.eval_metrics import extract_features
+    from gan_ddp.evaluator import RealData, load_or_train_evaluator
 
     run = tmp_path / "run"
     assert train_inproc(run, *SHORT_CONDITIONAL) == 0
-    evaluator, _ = load_or_train_evaluator("mnist", MNIST, "test", tmp_path / "cache", epochs=3, log=None)
+    evaluator, _ = load_or_train_evaluator(
+        RealData.load("mnist", MNIST, "test"), tmp_path / "cache", epochs=3, log=None
+    )
     for digit in (0, 1):
         out = tmp_path / f"digit{digit}.npz"
         run_cli("sample", "--run", run, "--digit", digit, "--n", 200, "--out", out)

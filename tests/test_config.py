@@ -237,6 +237,7 @@ def test_out_of_range(override: str, expected: tuple[str, ...]) -> None:
         ("loss.kind=lsgan", "loss.kind", "bce, hinge, wgan-gp"),
         ("train.precision=fp8", "train.precision", "auto, no, fp16, bf16"),
         ("log.wandb=sometimes", "log.wandb", "auto, online, offline, disabled"),
+        ("eval.evaluator=inception", "eval.evaluator", "cnn, mlp"),
     ],
 )
 def test_bad_choice_names_the_allowed_values(override: str, key: str, allowed: str) -> None:

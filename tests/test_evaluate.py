@@ -24,11 +24,13 @@ import pytest
 import torch
 from torch import nn
 
+from gan_ddp import eval_metrics as em
 from gan_ddp import evaluate as ev
+from gan_ddp import evaluator as evr
 from gan_ddp.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
 
 REAL_MNIST = BUNDLED_DIR  # the real MNIST t10k split shipped in the package
-TEST_EPOCHS = 3  # enough for >= 97% held out; the default (ev.DEFAULT_EPOCHS) is what reaches >= 98.5%
+TEST_EPOCHS = 3  # enough for >= 97% held out; the default (evr.DEFAULT_EPOCHS) is what reaches >= 98.5%
 LN10 = math.log(10)
 # Measured with the session evaluator (3 epochs, seed 0): real vs real 1.2, uniform noise 1050, only 1s 1150.
 REAL_VS_REAL_MAX = 5.0
@@ -46,14 +48,20 @@ def mnist() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
-def trained(mnist, cache_dir: Path) -> tuple[ev.MnistEvaluator, ev.EvaluatorInfo, float]:
+def real() -> evr.RealData:
+    """The real images as evaluation takes them: read once, with their checksum."""
+    return evr.RealData.load("mnist", REAL_MNIST, "test")
+
+
+@pytest.fixture(scope="session")
+def trained(real, cache_dir: Path) -> tuple[evr.MnistEvaluator, evr.EvaluatorInfo, float]:
     started = time.monotonic()
-    model, info = ev.load_or_train_evaluator("mnist", REAL_MNIST, "test", cache_dir, epochs=TEST_EPOCHS, log=None)
+    model, info = evr.load_or_train_evaluator(real, cache_dir, epochs=TEST_EPOCHS, log=None)
     return model, info, time.monotonic() - started
 
 
 @pytest.fixture(scope="session")
-def evaluator(trained) -> ev.MnistEvaluator:
+def evaluator(trained) -> evr.MnistEvaluator:
     return trained[0]
 
 
@@ -66,13 +74,13 @@ def halves(mnist) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def real_features(evaluator, mnist) -> tuple[torch.Tensor, torch.Tensor]:
-    return ev.extract_features(evaluator, mnist[0])
+    return em.extract_features(evaluator, mnist[0])
 
 
 @pytest.fixture(scope="session")
-def stats_a(real_features, halves, mnist) -> ev.RealStats:
-    mu, sigma = ev.feature_stats(real_features[0][halves[0]])
-    return ev.RealStats(
+def stats_a(real_features, halves, mnist) -> em.RealStats:
+    mu, sigma = em.feature_stats(real_features[0][halves[0]])
+    return em.RealStats(
         mu=mu, sigma=sigma, n=len(halves[0]), features=real_features[0][halves[0]], labels=mnist[1][halves[0]].long()
     )
 
@@ -82,81 +90,81 @@ def test_evaluator_accuracy_and_card(trained, mnist, cache_dir: Path) -> None:
     _, info, _ = trained
     assert info.heldout_accuracy >= 0.97, info
     assert (info.n_train, info.n_heldout) == (9000, 1000)
-    card = json.loads(ev.evaluator_path(cache_dir, "mnist", info.data_sha256).with_suffix(".json").read_text())
+    card = json.loads(evr.evaluator_path(cache_dir, "mnist", info.data_sha256).with_suffix(".json").read_text())
     assert card["data_sha256"] == data_checksum(*mnist)
-    assert ev.evaluator_path(cache_dir, "mnist", card["data_sha256"]).name.startswith(
+    assert evr.evaluator_path(cache_dir, "mnist", card["data_sha256"]).name.startswith(
         f"evaluator-mnist-{card['data_sha256'][:12]}"
     )
     for key in ("dataset", "split", "n_train", "n_heldout", "heldout_accuracy", "seed", "torch_version", "arch"):
         assert key in card
-    assert card["split"] == "test" and card["arch"] == ev.ARCH and card["torch_version"] == torch.__version__
+    assert card["split"] == "test" and card["arch"] == evr.ARCH and card["torch_version"] == torch.__version__
 
 
-def test_cached_evaluator_loads_without_training(trained, cache_dir: Path, monkeypatch) -> None:
+def test_cached_evaluator_loads_without_training(trained, real, cache_dir: Path, monkeypatch) -> None:
     model, info, _ = trained
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached evaluator should have been loaded, not retrained")
 
-    monkeypatch.setattr(ev, "train_evaluator", no_training)
+    monkeypatch.setattr(evr, "train_evaluator", no_training)
     started = time.monotonic()
-    again, again_info = ev.load_or_train_evaluator("mnist", REAL_MNIST, "test", cache_dir, log=None)
+    again, again_info = evr.load_or_train_evaluator(real, cache_dir, log=None)
     assert time.monotonic() - started < 10
     assert again_info.heldout_accuracy == info.heldout_accuracy
-    assert ev.weights_sha256(again) == ev.weights_sha256(model)
+    assert evr.weights_sha256(again) == evr.weights_sha256(model)
     assert not again.training
 
 
-def test_evaluator_training_is_deterministic() -> None:
+def test_evaluator_training_is_deterministic(real) -> None:
     rng = torch.random.get_rng_state()
-    a, info_a = ev.train_evaluator("mnist", REAL_MNIST, "test", seed=3, epochs=1, max_train=512)
+    a, info_a = evr.train_evaluator(real, seed=3, epochs=1, max_train=512)
     assert torch.equal(torch.random.get_rng_state(), rng)
-    b, info_b = ev.train_evaluator("mnist", REAL_MNIST, "test", seed=3, epochs=1, max_train=512)
-    assert ev.weights_sha256(a) == ev.weights_sha256(b)
+    b, info_b = evr.train_evaluator(real, seed=3, epochs=1, max_train=512)
+    assert evr.weights_sha256(a) == evr.weights_sha256(b)
     assert info_a.heldout_accuracy == info_b.heldout_accuracy
     assert info_a.n_train == 512 and info_a.n_heldout == 1000
 
 
-def test_mlp_evaluator_is_a_second_independent_opinion(mnist, halves, cache_dir: Path, tmp_path: Path) -> None:
+def test_mlp_evaluator_is_a_second_independent_opinion(real, mnist, halves, cache_dir: Path, tmp_path: Path) -> None:
     """`--evaluator mlp`: another architecture (no convolution) with its own cache files and card; its
     feature space also puts real close to real and noise far away."""
-    model, info = ev.load_or_train_evaluator("mnist", REAL_MNIST, "test", cache_dir, log=None, kind="mlp")
+    model, info = evr.load_or_train_evaluator(real, cache_dir, log=None, kind="mlp")
     assert model.kind == "mlp" and model.feature_dim == 256
     assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert info.arch == ev.EVALUATOR_ARCHS["mlp"] != ev.ARCH
+    assert info.arch == evr.EVALUATORS["mlp"].arch != evr.ARCH
     assert info.heldout_accuracy >= 0.95, info
-    path = ev.evaluator_path(cache_dir, "mnist", info.data_sha256, "mlp")
+    path = evr.evaluator_path(cache_dir, "mnist", info.data_sha256, "mlp")
     assert path.name.startswith("evaluator-mlp-mnist-") and path.is_file()
-    assert path != ev.evaluator_path(cache_dir, "mnist", info.data_sha256)
-    again, _ = ev.load_evaluator(path)  # the card says which network to build
-    assert again.kind == "mlp" and ev.weights_sha256(again) == ev.weights_sha256(model)
+    assert path != evr.evaluator_path(cache_dir, "mnist", info.data_sha256)
+    again, _ = evr.load_evaluator(path)  # the card says which network to build
+    assert again.kind == "mlp" and evr.weights_sha256(again) == evr.weights_sha256(model)
 
-    stats = ev.load_or_compute_real_stats(model, "mnist", REAL_MNIST, "test", cache_dir)
+    stats = em.load_or_compute_real_stats(model, real, cache_dir)
     assert stats.mu.shape == (256,)
-    assert ev.real_stats_path(cache_dir, "mnist", info.data_sha256, "mlp").is_file()
-    feats, probs = ev.extract_features(model, mnist[0])
-    mu, sigma = ev.feature_stats(feats[halves[0]])
-    real = ev.compute_metrics(feats[halves[1]], probs[halves[1]], mu, sigma)
+    assert em.real_stats_path(cache_dir, "mnist", info.data_sha256, "mlp").is_file()
+    feats, probs = em.extract_features(model, mnist[0])
+    mu, sigma = em.feature_stats(feats[halves[0]])
+    real = em.compute_metrics(feats[halves[1]], probs[halves[1]], mu, sigma)
     noise = torch.randint(0, 256, (2000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    far = ev.evaluate_samples(model, noise, ev.RealStats(mu=mu, sigma=sigma, n=5000))
+    far = ev.evaluate_samples(model, noise, em.RealStats(mu=mu, sigma=sigma, n=5000))
     print(f"mlp evaluator: real vs real {real}, noise {far}")
     assert real["eval/coverage"] == 10 and far["eval/fid"] > 50 * real["eval/fid"]
 
 
 def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown evaluator .vit.*cnn, mlp"):
-        ev.MnistEvaluator("vit")
+    with pytest.raises(ValueError, match=r"eval\.evaluator: .vit. is not allowed; choose one of cnn, mlp"):
+        evr.MnistEvaluator("vit")
     card = tmp_path / "e.json"
-    info = ev.EvaluatorInfo("mnist", "test", "0" * 64, 1, 1, "x", 0.5, 0, 1, 1.0, "t", arch="mnist-vit-v9")
+    info = evr.EvaluatorInfo("mnist", "test", "0" * 64, 1, 1, "x", 0.5, 0, 1, 1.0, "t", arch="mnist-vit-v9")
     card.write_text(info.to_json())
     with pytest.raises(DataError, match="mnist-vit-v9"):
-        ev.load_evaluator(card.with_suffix(".safetensors"))
+        evr.load_evaluator(card.with_suffix(".safetensors"))
 
 
 # ------------------------------------------------------------------------------ metrics on real data
 def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, stats_a) -> None:
     feats, probs = real_features
-    metrics = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, feats[halves[0]])
+    metrics = em.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, feats[halves[0]])
     print(f"real vs real (two halves of t10k): {metrics}")
     assert set(metrics) == set(ev.METRIC_KEYS)
     assert 0 < metrics["eval/fid"] < REAL_VS_REAL_MAX
@@ -166,14 +174,14 @@ def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, sta
     assert metrics["eval/class_entropy"] > 0.99 * LN10
     assert metrics["eval/confidence"] > 0.9
     assert metrics["eval/n"] == 5000
-    without = ev.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma)
+    without = em.compute_metrics(feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma)
     assert set(without) == set(ev.METRIC_KEYS) - {"eval/kid", "eval/kid_std", "eval/precision", "eval/recall"}
 
 
 def test_uniform_noise_is_far(evaluator, real_features, halves, stats_a) -> None:
     noise = torch.randint(0, 256, (2000, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metrics = ev.evaluate_samples(evaluator, noise, stats_a)
-    real = ev.compute_metrics(real_features[0][halves[1]], real_features[1][halves[1]], stats_a.mu, stats_a.sigma)
+    real = em.compute_metrics(real_features[0][halves[1]], real_features[1][halves[1]], stats_a.mu, stats_a.sigma)
     print(f"uniform noise: {metrics}")
     assert metrics["eval/fid"] > 50 * real["eval/fid"]
     assert metrics["eval/fid"] > 10 * REAL_VS_REAL_MAX
@@ -208,38 +216,38 @@ def test_one_repeated_class_collapses_coverage(evaluator, mnist, stats_a) -> Non
 
 
 def test_real_stats_are_cached_per_data_and_evaluator(
-    evaluator, real_features, mnist, cache_dir, tmp_path: Path, monkeypatch
+    evaluator, real, real_features, mnist, cache_dir, tmp_path: Path, monkeypatch
 ) -> None:
-    stats = ev.load_or_compute_real_stats(evaluator, "mnist", REAL_MNIST, "test", cache_dir)
-    mu, sigma = ev.feature_stats(real_features[0])
+    stats = em.load_or_compute_real_stats(evaluator, real, cache_dir)
+    mu, sigma = em.feature_stats(real_features[0])
     np.testing.assert_allclose(stats.mu, mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-6, atol=1e-9)
     assert stats.n == 10000 and stats.data_sha256 == data_checksum(*mnist)
     torch.testing.assert_close(stats.features, real_features[0])  # for KID, precision/recall, per-class FID
     assert torch.equal(stats.labels, mnist[1].long())
-    assert ev.real_stats_path(cache_dir, "mnist", stats.data_sha256).is_file()
+    assert em.real_stats_path(cache_dir, "mnist", stats.data_sha256).is_file()
 
     with monkeypatch.context() as m:
-        m.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("should load the cached statistics"))
-        again = ev.load_or_compute_real_stats(evaluator, "mnist", REAL_MNIST, "test", cache_dir)
+        m.setattr(em, "extract_features", lambda *a, **k: pytest.fail("should load the cached statistics"))
+        again = em.load_or_compute_real_stats(evaluator, real, cache_dir)
     np.testing.assert_array_equal(again.sigma, stats.sigma)
     assert torch.equal(again.features, stats.features) and torch.equal(again.labels, stats.labels)
 
     # A retrained evaluator must not reuse the statistics of the old one (a copy, to keep the shared cache).
-    path = ev.real_stats_path(cache_dir, "mnist", stats.data_sha256)
+    path = em.real_stats_path(cache_dir, "mnist", stats.data_sha256)
     (tmp_path / path.name).write_bytes(path.read_bytes())
     other = copy.deepcopy(evaluator)
     with torch.no_grad():
         other.body[-2].bias.add_(0.1)
-    assert not np.allclose(ev.load_or_compute_real_stats(other, "mnist", REAL_MNIST, "test", tmp_path).mu, stats.mu)
+    assert not np.allclose(em.load_or_compute_real_stats(other, real, tmp_path).mu, stats.mu)
 
 
 def test_input_layouts_agree(evaluator, mnist) -> None:
     images = mnist[0][:64]  # (64, 28, 28) uint8
-    ref = ev.extract_features(evaluator, images)[0]
+    ref = em.extract_features(evaluator, images)[0]
     nchw_float = images.unsqueeze(1).float() / 127.5 - 1
     for variant in (images.unsqueeze(1), images.unsqueeze(-1).numpy(), nchw_float):
-        torch.testing.assert_close(ev.extract_features(evaluator, variant)[0], ref)
+        torch.testing.assert_close(em.extract_features(evaluator, variant)[0], ref)
 
 
 # ------------------------------------------------------------------------------ Fréchet distance
@@ -252,29 +260,29 @@ def _random_stats(seed: int, dim: int = 32, n: int = 400, rank: int | None = Non
 
 def test_fid_is_symmetric_nonnegative_and_zero_on_itself() -> None:
     a, b = _random_stats(0), _random_stats(1)
-    ab, ba = ev.frechet_distance(*a, *b), ev.frechet_distance(*b, *a)
+    ab, ba = em.frechet_distance(*a, *b), em.frechet_distance(*b, *a)
     assert ab > 0
     assert ab == pytest.approx(ba, rel=1e-9)
-    assert ev.frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-8 * np.trace(a[1]))
-    assert ev.frechet_distance(*a, *a) >= 0.0
+    assert em.frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-8 * np.trace(a[1]))
+    assert em.frechet_distance(*a, *a) >= 0.0
 
 
 def test_fid_of_rank_deficient_covariances_stays_finite_and_symmetric() -> None:
     # Dead ReLU units make real covariances singular; sqrtm of such products is where imaginary parts appear.
     a, b = _random_stats(2, rank=5), _random_stats(3, rank=7)
-    ab, ba = ev.frechet_distance(*a, *b), ev.frechet_distance(*b, *a)
+    ab, ba = em.frechet_distance(*a, *b), em.frechet_distance(*b, *a)
     assert math.isfinite(ab) and ab > 0
     assert ab == pytest.approx(ba, rel=1e-6)
-    assert ev.frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-6 * np.trace(a[1]))
+    assert em.frechet_distance(*a, *a) == pytest.approx(0.0, abs=1e-6 * np.trace(a[1]))
 
 
 def test_fid_falls_back_when_sqrtm_fails(monkeypatch) -> None:
     import scipy.linalg
 
     a, b = _random_stats(6), _random_stats(7)
-    expected = ev.frechet_distance(*a, *b)
+    expected = em.frechet_distance(*a, *b)
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m: np.full_like(m, np.nan))
-    assert ev.frechet_distance(*a, *b) == pytest.approx(expected, rel=1e-9)
+    assert em.frechet_distance(*a, *b) == pytest.approx(expected, rel=1e-9)
 
 
 def test_fid_matches_closed_form_and_torchmetrics() -> None:
@@ -282,14 +290,14 @@ def test_fid_matches_closed_form_and_torchmetrics() -> None:
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
     expected = 1 + 0 + 4 + (s1 + s2).sum() - 2 * np.sqrt(s1 * s2).sum()
-    assert ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
+    assert em.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
     try:
         from torchmetrics.image.fid import _compute_fid
     except ImportError:  # private helper: only a cross-check
         return
     a, b = _random_stats(4), _random_stats(5)
     theirs = float(_compute_fid(*(torch.from_numpy(t) for t in (*a, *b))))
-    assert ev.frechet_distance(*a, *b) == pytest.approx(theirs, rel=1e-6)
+    assert em.frechet_distance(*a, *b) == pytest.approx(theirs, rel=1e-6)
 
 
 def test_compute_metrics_counts() -> None:
@@ -298,8 +306,8 @@ def test_compute_metrics_counts() -> None:
     probs = torch.zeros(1000, 10)
     probs[:990, 3] = 0.9  # class 3 for 99%, class 7 for 1% (< 2%: not covered)
     probs[990:, 7] = 0.6
-    mu, sigma = ev.feature_stats(feats)
-    m = ev.compute_metrics(feats, probs, mu, sigma)
+    mu, sigma = em.feature_stats(feats)
+    m = em.compute_metrics(feats, probs, mu, sigma)
     assert m["eval/coverage"] == 1
     assert m["eval/class_entropy"] == pytest.approx(-(0.99 * math.log(0.99) + 0.01 * math.log(0.01)))
     assert m["eval/confidence"] == pytest.approx(0.99 * 0.9 + 0.01 * 0.6)
@@ -328,13 +336,13 @@ def test_score_npz_rejects_wrong_arrays_in_one_line(array: np.ndarray, tmp_path:
     path = tmp_path / "bad.npz"
     np.savez(path, array)
     with pytest.raises(DataError) as err:
-        ev.score_npz(path, ev.MnistEvaluator(), ev.RealStats(np.zeros(128), np.eye(128), 2))
+        ev.score_npz(path, evr.MnistEvaluator(), em.RealStats(np.zeros(128), np.eye(128), 2))
     message = str(err.value)
     assert str(path) in message and "\n" not in message and "(N, 28, 28, 1)" in message
 
 
 def test_score_npz_rejects_other_files(tmp_path: Path) -> None:
-    stats = ev.RealStats(np.zeros(128), np.eye(128), 2)
+    stats = em.RealStats(np.zeros(128), np.eye(128), 2)
     named = tmp_path / "named.npz"
     np.savez(named, images=np.zeros((4, 28, 28, 1), np.uint8))
     garbage = tmp_path / "garbage.npz"
@@ -345,7 +353,7 @@ def test_score_npz_rejects_other_files(tmp_path: Path) -> None:
         (tmp_path / "missing.npz", "not a readable"),
     ):
         with pytest.raises(DataError, match=phrase) as err:
-            ev.score_npz(path, ev.MnistEvaluator(), stats)
+            ev.score_npz(path, evr.MnistEvaluator(), stats)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
@@ -416,7 +424,7 @@ def _run_ranks(world: int, fn) -> list:
 
 def test_generate_features_does_not_depend_on_process_count() -> None:
     torch.manual_seed(0)
-    evaluator = ev.MnistEvaluator().eval()  # untrained is fine: this is about which samples get scored
+    evaluator = evr.MnistEvaluator().eval()  # untrained is fine: this is about which samples get scored
     G = TinyGenerator()
     n, batch = 1001, 100  # 11 chunks, the last one short: uneven over 2 and 3 ranks
 
@@ -424,7 +432,7 @@ def test_generate_features_does_not_depend_on_process_count() -> None:
         return ev.generate_features(acc, copy.deepcopy(G), evaluator, n, 8, seed=5, batch=batch)
 
     (one,) = _run_ranks(1, score)
-    assert one[0].shape == (n, ev.FEATURE_DIM) and one[1].shape == (n, 10)
+    assert one[0].shape == (n, evr.FEATURE_DIM) and one[1].shape == (n, 10)
     # Sample i is exactly the one built from its chunk's noise, in global order.
     chunk, offset = divmod(637, batch)
     with torch.no_grad():
@@ -437,7 +445,7 @@ def test_generate_features_does_not_depend_on_process_count() -> None:
 
 
 def test_generate_features_refuses_generators_that_differ_between_ranks() -> None:
-    evaluator = ev.MnistEvaluator().eval()
+    evaluator = evr.MnistEvaluator().eval()
 
     def score(acc):
         G = TinyGenerator()
@@ -452,7 +460,7 @@ def test_generate_features_refuses_generators_that_differ_between_ranks() -> Non
 
 def test_generate_features_restores_train_mode_and_leaves_global_rng_alone() -> None:
     G = TinyGenerator().train()
-    evaluator = ev.MnistEvaluator()
+    evaluator = evr.MnistEvaluator()
     rng = torch.random.get_rng_state()
     _run_ranks(1, lambda acc: ev.generate_features(acc, G, evaluator, 3, 8, seed=0))
     assert G.training
@@ -483,9 +491,9 @@ SCRIPT = textwrap.dedent(
 
     evaluator_file, stats_file, out = sys.argv[1:4]
     acc = Accelerator(cpu=True)
-    evaluator, _ = ev.load_evaluator(evaluator_file)
+    evaluator, _ = evr.load_evaluator(evaluator_file)
     saved = np.load(stats_file)
-    stats = ev.RealStats(mu=saved["mu"], sigma=saved["sigma"], n=int(saved["n"]))
+    stats = em.RealStats(mu=saved["mu"], sigma=saved["sigma"], n=int(saved["n"]))
     G = TinyGenerator()
     feats, probs = ev.generate_features(acc, G, evaluator, 1001, 8, seed=7, batch=100)
     metrics = ev.score_generator(acc, G, evaluator, stats, 1001, 8, seed=7, batch=100)
@@ -504,7 +512,7 @@ def test_two_processes_score_like_one(trained, cache_dir: Path, stats_a, tmp_pat
     script.write_text(SCRIPT)
     stats_file = tmp_path / "stats.npz"
     np.savez(stats_file, mu=stats_a.mu, sigma=stats_a.sigma, n=stats_a.n)
-    evaluator_file = ev.evaluator_path(cache_dir, "mnist", info.data_sha256)
+    evaluator_file = evr.evaluator_path(cache_dir, "mnist", info.data_sha256)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
     for world in (1, 2):
@@ -546,7 +554,7 @@ def test_eval_parser_wants_exactly_one_source(tmp_path: Path) -> None:
 
 def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, monkeypatch) -> None:
     common = ["--dataset", "mnist", "--root", str(REAL_MNIST), "--split", "test", "--cache-dir", str(cache_dir)]
-    monkeypatch.setattr(ev, "train_evaluator", lambda *a, **k: pytest.fail("should load the cached evaluator"))
+    monkeypatch.setattr(evr, "train_evaluator", lambda *a, **k: pytest.fail("should load the cached evaluator"))
     assert ev.run_train_evaluator(_parse(["train-evaluator", *common])) == 0
     assert "held-out accuracy" in capsys.readouterr().out
 
@@ -558,7 +566,7 @@ def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, 
     assert "fid" in printed and "coverage" in printed
     written = json.loads(out.read_text())
     assert written["eval/n"] == 500 and written["eval/coverage"] == 10
-    assert written["evaluator"] == ev.ARCH
+    assert written["evaluator"] == evr.ARCH
 
 
 def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -620,15 +628,15 @@ def test_conditional_metrics_of_real_images_asked_for_their_own_labels(real_feat
     feats, probs = real_features
     labels = mnist[1][halves[1]]
     real_feats, real_labels = feats[halves[0]], mnist[1][halves[0]]
-    metrics = ev.compute_metrics(
+    metrics = em.compute_metrics(
         feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, real_feats, real_labels, requested=labels
     )
-    print(f"real images, asked for their labels: {ev.summary_line(metrics)}")
+    print(f"real images, asked for their labels: {em.summary_line(metrics)}")
     assert metrics["eval/agreement"] > 0.95 and metrics["eval/agreement_min"] > 0.85
     assert {f"eval/fid_class/{c}" for c in range(10)} <= set(metrics)
     assert {f"eval/agreement_class/{c}" for c in range(10)} <= set(metrics)
     assert 0 < metrics["eval/fid_class_mean"] < 4 * REAL_VS_REAL_MAX  # ~500 images a class: noisier than FID
-    wrong = ev.compute_metrics(
+    wrong = em.compute_metrics(
         feats[halves[1]], probs[halves[1]], stats_a.mu, stats_a.sigma, real_feats, real_labels, (labels + 1) % 10
     )
     assert wrong["eval/agreement"] < 0.05
@@ -650,7 +658,7 @@ def test_score_generator_asks_a_conditional_generator_for_every_class() -> None:
 
     seen = []
 
-    class Reader(ev.MnistEvaluator):
+    class Reader(evr.MnistEvaluator):
         def features(self, x: torch.Tensor) -> torch.Tensor:
             seen.append((x[:, 0, 0, 0] * 10).round().long())
             return super().features(x)

@@ -13,7 +13,7 @@ import pytest
 from _runs import REPO as REPO_ROOT
 from omegaconf import OmegaConf
 
-import gan_ddp.evaluate as ev
+import gan_ddp.evaluator as evr
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,9 @@ RUNS = ("mnist_mlp", "mnist_dcgan", "mnist_quality")
 def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: Path) -> None:
     out, budget = tmp_path / "q", 6
     cache = tmp_path / "cache"
+    real = evr.RealData.load("mnist", mnist_root, "test")
     for kind in ("cnn", "mlp"):  # one-epoch evaluators, cached where the script will look: toy-size scores
-        ev.load_or_train_evaluator("mnist", mnist_root, "test", cache, epochs=1, log=None, kind=kind)
+        evr.load_or_train_evaluator(real, cache, epochs=1, log=None, kind=kind)
     gan = Path(sys.executable).with_name("gan-ddp")
     assert gan.is_file(), f"{gan}: the package's console script is not installed beside this python"
     env = {
