@@ -45,6 +45,7 @@ from gan_ddp.evaluator import (
 from gan_ddp.models import N_CLASSES, balanced_labels
 
 
+# ------------------------------------------------------------------------------ set-up, samples from a file
 def prepare_evaluation(
     accelerator: Any,
     real: RealData,
@@ -186,7 +187,7 @@ def score_generator(
     return metrics_against(features, probs, real_stats, requested)
 
 
-# ------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------ commands (arguments: gan_ddp.cli)
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
