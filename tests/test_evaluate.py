@@ -475,7 +475,9 @@ SCRIPT = textwrap.dedent(
     from accelerate import Accelerator
     from torch import nn
 
+    from gan_ddp import eval_metrics as em
     from gan_ddp import evaluate as ev
+    from gan_ddp import evaluator as evr
 
     class TinyGenerator(nn.Module):
         def __init__(self, z_dim=8):
