@@ -205,7 +205,10 @@ def load_evaluator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if info.arch not in kinds:
         known = ", ".join(repr(a) for a in kinds)
         raise DataError(f"{card}: evaluator architecture {info.arch!r}, this version knows {known}")
-    model = MnistEvaluator(kinds[info.arch])
+    # The weights are overwritten below; building the network must not draw from the global RNG, or a training
+    # run would take other random numbers (dropout, ...) with a cached evaluator than with a fresh one.
+    with torch.random.fork_rng(devices=[]):
+        model = MnistEvaluator(kinds[info.arch])
     try:
         model.load_state_dict(load_file(str(path)))
     except (OSError, RuntimeError, SafetensorError) as exc:

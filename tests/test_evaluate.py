@@ -108,8 +108,11 @@ def test_cached_evaluator_loads_without_training(trained, real, cache_dir: Path,
 
     monkeypatch.setattr(evr, "train_evaluator", no_training)
     started = time.monotonic()
+    rng = torch.random.get_rng_state()
     again, again_info = evr.load_or_train_evaluator(real, cache_dir, log=None)
     assert time.monotonic() - started < 10
+    # A training run draws the same random numbers whether its evaluator came from the cache or was trained.
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert again_info.heldout_accuracy == info.heldout_accuracy
     assert evr.weights_sha256(again) == evr.weights_sha256(model)
     assert not again.training
