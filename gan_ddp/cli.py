@@ -106,7 +106,7 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
     from gan_ddp.data import DATASETS, SPLITS
 
-    p.add_argument("--dataset", choices=DATASETS, help=default_note)
+    p.add_argument("--dataset", choices=DATASETS.names(), help=default_note)
     p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
     p.add_argument("--split", choices=SPLITS, help="real data the evaluator and FID use")
     p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")

@@ -1,8 +1,9 @@
 """The one base class of every failure a user can act on.
 
 A `GanDdpError` reaches the command line as one `error: <message>` line and the class's exit code, never a
-traceback. Each module defines its own subclass beside the code that raises it (ConfigError in config.py,
-DataError in data.py, ...); the command line catches the base class, so it needs to know none of them.
+traceback. Each module defines its own subclass beside the code that raises it (DataError in data.py,
+CheckpointError in checkpoint.py, ...; ConfigError lives here, since the registries below the config raise
+it too); the command line catches the base class, so it needs to know none of them.
 Exit codes are listed in `gan_ddp.faults` and the README.
 """
 
@@ -21,3 +22,7 @@ class GanDdpError(Exception):
 
 class MissingRunFileError(GanDdpError, FileNotFoundError):
     """A file a command reads from a run directory is not there (config.yaml, metrics, sample grids)."""
+
+
+class ConfigError(GanDdpError, ValueError):
+    """A bad configuration value; the message is one line that names the key."""

@@ -39,7 +39,7 @@ from gan_ddp.distributed import (
 )
 from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
-from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.metrics import MetricWindow
 from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
 from gan_ddp.tracking import Tracker
@@ -300,7 +300,7 @@ class Trainer:
                 real_logits = self.D(real_in, real_y)
                 fake_logits = self.D(fake_in, fake_y)
             loss = d_loss(cfg.kind, real_logits, fake_logits, cfg.real_label)
-        if cfg.kind == "wgan-gp":  # conditional: the interpolates are scored as the real images' classes
+        if LOSSES[cfg.kind].per_sample_penalty:  # conditional: interpolates are scored as the real images' classes
             critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
             loss = loss + cfg.gp_weight * gradient_penalty(critic, real_in, fake_in.detach())
         self.opt_d.zero_grad(set_to_none=True)
