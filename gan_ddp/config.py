@@ -33,6 +33,11 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
         raise ConfigError(f"{key}: {value!r} is not allowed; must be {bound}{' or null' if allow_none else ''}")
 
 
+SPLITS = ("train", "test", "all")  # "all" is train then test
+# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.tracking).
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
 @dataclass
 class DataConfig:
     dataset: str = "mnist"  # data.DATASETS: mnist | fashion_mnist
@@ -48,7 +53,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         registry.lookup("data.dataset").check(self.dataset)
-        _choice("data.split", self.split, ("train", "test", "all"))
+        _choice("data.split", self.split, SPLITS)
         _choice("data.fallback", self.fallback, ("bundled", "none"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.root == "bundled" and (self.dataset, self.split) != ("mnist", "test"):
@@ -192,7 +197,7 @@ class LogConfig:
         _positive("log.every", self.every)
         _positive("log.sample_every", self.sample_every)
         _positive("log.n_samples", self.n_samples)
-        _choice("log.wandb", self.wandb, ("auto", "online", "offline", "disabled"))
+        _choice("log.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass

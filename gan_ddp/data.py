@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gan_ddp.config import SPLITS
 from gan_ddp.errors import GanDdpError
 from gan_ddp.registry import Registry
 
@@ -64,7 +65,6 @@ DATASETS.add(
         ),
     ),
 )
-SPLITS = ("train", "test", "all")
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

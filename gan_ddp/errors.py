@@ -26,3 +26,7 @@ class MissingRunFileError(GanDdpError, FileNotFoundError):
 
 class ConfigError(GanDdpError, ValueError):
     """A bad configuration value; the message is one line that names the key."""
+
+
+class UsageError(GanDdpError, ValueError):
+    """A command's argument out of range, or arguments that do not go together (`--n must be > 0`, ...)."""
