@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gan_ddp import registry
-from gan_ddp.errors import ConfigError
+from gan_ddp.errors import ConfigError, one_line
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -317,14 +317,14 @@ def _translate(exc: OmegaConfBaseException, source: str, key_hint: str = "?") ->
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return ConfigError(f"{source}: unknown key '{key}'{hint}{nearby_text}")
     if isinstance(exc, ValidationError):
-        first = str(exc).splitlines()[0]
+        first = one_line(exc, first_line=True)
         match = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
         if match:
             return ConfigError(f"{source}: {key}={match.group(1)!r} is not a valid {match.group(3).lower()}")
         return ConfigError(f"{source}: {key}: {first}")
     if key in [f.name for f in fields(Config)] and key != "seed":
         return ConfigError(f"{source}: {key} is a section; set its keys, e.g. {key}.{_section_keys(key)[0]}=...")
-    return ConfigError(f"{source}: {key}: {str(exc).splitlines()[0]}")
+    return ConfigError(f"{source}: {key}: {one_line(exc, first_line=True)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -338,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: not valid YAML: {one_line(exc, first_line=True)}") from None
         top = yaml.safe_load(path.read_text())
         if (top is not None and not isinstance(top, dict)) or any(v is None for v in (top or {}).values()):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, run, data, train, ...)")

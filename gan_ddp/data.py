@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gan_ddp.config import SPLITS
-from gan_ddp.errors import GanDdpError
+from gan_ddp.errors import GanDdpError, one_line
 from gan_ddp.registry import Registry
 
 
@@ -171,9 +171,9 @@ def read_idx(path: str | Path, expect_ndim: int) -> Tensor:
                     f"the header {list(shape)} declares"
                 )
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt gzip stream ({_one_line(exc)})") from exc
+        raise DataError(f"{path}: corrupt gzip stream ({one_line(exc)})") from exc
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from exc
+        raise DataError(f"{path}: cannot read: {exc.strerror or one_line(exc)}") from exc
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(shape))
 
 
@@ -185,10 +185,6 @@ def _diagnose(head: bytes) -> str:
     if head[:2] == b"\x00\x00":
         return f"data type byte 0x{head[2]:02x} is not 0x08 (uint8)"
     return "not an IDX file"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -225,7 +221,7 @@ def bundled_files() -> tuple[Path, Path]:
             got = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
         except OSError as exc:
             raise DataError(
-                f"{path}: the bundled MNIST test split cannot be read ({exc.strerror or _one_line(exc)}); "
+                f"{path}: the bundled MNIST test split cannot be read ({exc.strerror or one_line(exc)}); "
                 "reinstall gan-ddp"
             ) from exc
         if got != expected:
@@ -279,7 +275,7 @@ def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
         if not existed:  # leave no empty folders behind in the user's data.root
             shutil.rmtree(target, ignore_errors=True)
         raise DownloadError(
-            f"could not download {dataset} into {root}: {_one_line(exc)}; {_how_to_get(dataset, False)}"
+            f"could not download {dataset} into {root}: {one_line(exc)}; {_how_to_get(dataset, False)}"
         ) from exc
 
 

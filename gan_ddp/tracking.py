@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gan_ddp.config import WANDB_MODES
-from gan_ddp.errors import ConfigError
+from gan_ddp.errors import ConfigError, one_line
 
 RUN_ID_FILE = "wandb_run_id.txt"
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -111,12 +111,6 @@ def resolve_mode(
     if has_credentials(environ, home):
         return "online", None
     return "offline", offline_warning(run_dir)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class Tracker:
@@ -208,7 +202,7 @@ class Tracker:
         self.active = False
         if not self._warned:
             self._warned = True
-            self._warn(f"W&B disabled: {_one_line(exc)}; training continues")
+            self._warn(f"W&B disabled: {one_line(exc, named=True, first_line=True)}; training continues")
 
     # -- logging ----------------------------------------------------------------------------------------
     # Steps must increase: W&B merges calls with the same step into one row and drops (with its own warning,
