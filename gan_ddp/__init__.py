@@ -5,4 +5,7 @@ __version__ = "0.1.0"
 from gan_ddp import compat as _compat
 
 _compat.install_shims()  # before any Accelerate state exists (old torch, see compat.py)
-from gan_ddp import evaluator  # noqa: E402, F401  (fills the registries)
+
+# The modules that declare the config's choices (gan_ddp.registry): imported here so that every registry is
+# complete before any config is validated, whichever module a caller imports first.
+from gan_ddp import augment, data, evaluator, losses, models  # noqa: E402, F401

@@ -26,10 +26,13 @@ and the reference DiffAugment code is a script, not a package.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from gan_ddp.config import AUGMENT_OPS, AugmentConfig
+from gan_ddp.config import AugmentConfig
+from gan_ddp.registry import Registry
 
 BACKGROUND = -1.0  # the value of an empty pixel in [-1, 1] images
 TRANSLATION_RATIO = 0.125  # as in DiffAugment
@@ -71,7 +74,7 @@ class DiffAugment:
         self.global_batch = global_batch
         self.rows = slice(rank * local_batch, (rank + 1) * local_batch)
         self._gen: torch.Generator | None = None
-        assert all(op in AUGMENT_OPS for op in self.ops)
+        self._ops = [AUGMENT_OPS[op] for op in self.ops]
 
     @property
     def enabled(self) -> bool:
@@ -88,24 +91,38 @@ class DiffAugment:
         if not self.ops:
             return x
         gen = self._generator(x.device, step, stream)
-        n, (_, _, h, w) = self.global_batch, x.shape
-        for op in self.ops:
-            # Draw for the whole global batch, in a fixed order, then keep this process's rows.
-            if op == "translation":
-                pad = int(h * TRANSLATION_RATIO + 0.5)
-                shift = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=x.device)[:, self.rows]
-                apply = self._apply(gen, n, x.device)
-                x = translate(x, shift[0] * apply, shift[1] * apply, pad)
-            else:  # cutout
-                size = int(h * CUTOUT_RATIO + 0.5)
-                # Corner in [-size/2, side - size/2): the square's centre is uniform over the image.
-                corner = torch.randint(0, h, (2, n), generator=gen, device=x.device)[:, self.rows] - size // 2
-                apply = self._apply(gen, n, x.device)
-                corner = torch.where(apply.bool(), corner, torch.full_like(corner, h + w))  # off-image: no hole
-                x = cutout(x, corner[0], corner[1], size)
+        for op in self._ops:
+            # Each op draws for the whole global batch, in a fixed order, then keeps this process's rows.
+            x = op(self, x, gen)
         return x
 
     def _apply(self, gen: torch.Generator, n: int, device: torch.device) -> torch.Tensor:
         """(b,) 1 where this op applies to the image (probability p), else 0; always drawn, so the stream
         of draws does not depend on p."""
         return (torch.rand(n, generator=gen, device=device)[self.rows] < self.p).long()
+
+
+# An op: (the augmenter, this process's images, the step's generator) -> the images augmented.
+AUGMENT_OPS: Registry[Callable[[DiffAugment, torch.Tensor, torch.Generator], torch.Tensor]] = Registry("augment.policy")
+
+
+@AUGMENT_OPS.register("translation")
+def random_translation(aug: DiffAugment, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift by up to TRANSLATION_RATIO of the side (3 px at 28) each way, the background filled in."""
+    n, h = aug.global_batch, x.shape[2]
+    pad = int(h * TRANSLATION_RATIO + 0.5)
+    shift = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=x.device)[:, aug.rows]
+    apply = aug._apply(gen, n, x.device)
+    return translate(x, shift[0] * apply, shift[1] * apply, pad)
+
+
+@AUGMENT_OPS.register("cutout")
+def random_cutout(aug: DiffAugment, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blank a random square of CUTOUT_RATIO of the side (14 px at 28)."""
+    n, (_, _, h, w) = aug.global_batch, x.shape
+    size = int(h * CUTOUT_RATIO + 0.5)
+    # Corner in [-size/2, side - size/2): the square's centre is uniform over the image.
+    corner = torch.randint(0, h, (2, n), generator=gen, device=x.device)[:, aug.rows] - size // 2
+    apply = aug._apply(gen, n, x.device)
+    corner = torch.where(apply.bool(), corner, torch.full_like(corner, h + w))  # off-image: no hole
+    return cutout(x, corner[0], corner[1], size)

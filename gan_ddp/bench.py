@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from gan_ddp.errors import UsageError
 from gan_ddp.textbook import TextbookLoop, torch_threads
 
 KEYS = (
@@ -168,9 +169,9 @@ def _bench_config(args: argparse.Namespace):
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("iters", "repeat"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
 
 
 def _median_index(values: list[float]) -> int:

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gan_ddp.errors import UsageError
+
 EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says otherwise (gan_ddp/errors.py)
 
 
@@ -104,9 +106,10 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
-    from gan_ddp.data import DATASETS, SPLITS
+    from gan_ddp.config import SPLITS
+    from gan_ddp.data import DATASETS
 
-    p.add_argument("--dataset", choices=DATASETS, help=default_note)
+    p.add_argument("--dataset", choices=DATASETS.names(), help=default_note)
     p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
     p.add_argument("--split", choices=SPLITS, help="real data the evaluator and FID use")
     p.add_argument("--cache-dir", help="evaluator cache (default: $GAN_DDP_CACHE or ~/.cache/gan-ddp)")
@@ -167,7 +170,7 @@ def _add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def _positive(name: str, value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise UsageError(f"{name} must be > 0, got {value}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -192,7 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _positive("--n", args.n)
     _positive("--batch", args.batch)
     if args.out.suffix not in (".png", ".npz"):
-        raise ValueError(f"--out {args.out}: use a .png (grid) or .npz (array) file name")
+        raise UsageError(f"--out {args.out}: use a .png (grid) or .npz (array) file name")
     G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
     labels = _requested_labels(cfg.model.conditional, args.digit, args.n)
     images = generate(G, args.n, cfg.model.z_dim, args.seed, args.batch, labels)  # (N, 1, 28, 28) in [-1, 1]
@@ -216,12 +219,12 @@ def _requested_labels(conditional: bool, digit: int | None, n: int):
 
     if not conditional:
         if digit is not None:
-            raise ValueError("--digit needs a class-conditional run (model.conditional: true); this one is not")
+            raise UsageError("--digit needs a class-conditional run (model.conditional: true); this one is not")
         return None
     if digit is None:
         return balanced_labels(n)
     if not 0 <= digit < N_CLASSES:
-        raise ValueError(f"--digit must be in [0, {N_CLASSES}), got {digit}")
+        raise UsageError(f"--digit must be in [0, {N_CLASSES}), got {digit}")
     return torch.full((n,), digit, dtype=torch.long)
 
 
@@ -252,9 +255,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     G, cfg, _ = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
     conditional = cfg.model.conditional
     if args.classes and not conditional:
-        raise ValueError("--classes needs a class-conditional run (model.conditional: true); this one is not")
+        raise UsageError("--classes needs a class-conditional run (model.conditional: true); this one is not")
     if args.classes and (args.between or args.digit is not None):
-        raise ValueError("--classes goes without --between and --digit")
+        raise UsageError("--classes goes without --between and --digit")
     labels = None
     if conditional and args.digit is not None:
         labels = _requested_labels(True, args.digit, args.rows)

@@ -14,6 +14,8 @@ import time
 import torch
 from torch.torch_version import TorchVersion
 
+from gan_ddp.errors import one_line
+
 TORCH = TorchVersion(torch.__version__)  # compares with strings: TORCH >= "2.4"; local tags (+cu117) ignored
 MIN_TORCH = "2.0"  # what pyproject.toml allows: torch 2.0 is the oldest release any stack uses
 
@@ -44,7 +46,7 @@ def compile_unsupported(version: str | None = None, python: tuple[int, int] | No
         except ImportError:
             pass
         except RuntimeError as exc:
-            return str(exc).splitlines()[0]
+            return one_line(exc, first_line=True)
     return None
 
 

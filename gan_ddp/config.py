@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gan_ddp import registry
-from gan_ddp.errors import ConfigError
+from gan_ddp.errors import ConfigError, one_line
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -33,9 +33,14 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
         raise ConfigError(f"{key}: {value!r} is not allowed; must be {bound}{' or null' if allow_none else ''}")
 
 
+SPLITS = ("train", "test", "all")  # "all" is train then test
+# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.tracking).
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | fashion_mnist
+    dataset: str = "mnist"  # data.DATASETS: mnist | fashion_mnist
     # Folder with the IDX files (flat or torchvision's <root>/MNIST/raw), or the download target;
     # "bundled" names the MNIST test split shipped inside the package (10,000 images, no network needed).
     root: str = "data"
@@ -47,8 +52,8 @@ class DataConfig:
     num_workers: int = 0  # batches are single index ops on a resident tensor: workers rarely pay off
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("mnist", "fashion_mnist"))
-        _choice("data.split", self.split, ("train", "test", "all"))
+        registry.lookup("data.dataset").check(self.dataset)
+        _choice("data.split", self.split, SPLITS)
         _choice("data.fallback", self.fallback, ("bundled", "none"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         if self.root == "bundled" and (self.dataset, self.split) != ("mnist", "test"):
@@ -60,7 +65,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # mlp | dcgan
+    arch: str = "mlp"  # models.ARCHS: mlp | dcgan
     z_dim: int = 100
     g_hidden: list[int] = field(default_factory=lambda: [256, 512, 1024])  # MLP generator widths
     d_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # MLP discriminator widths
@@ -75,7 +80,7 @@ class ModelConfig:
     conditional: bool = False
 
     def __post_init__(self) -> None:
-        _choice("model.arch", self.arch, ("mlp", "dcgan"))
+        registry.lookup("model.arch").check(self.arch)
         for key in ("z_dim", "g_channels", "d_channels"):
             _positive(f"model.{key}", getattr(self, key))
         for key in ("g_hidden", "d_hidden"):
@@ -89,12 +94,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "bce"  # bce (non-saturating) | hinge | wgan-gp
+    kind: str = "bce"  # losses.LOSSES: bce (non-saturating) | hinge | wgan-gp
     real_label: float = 1.0  # one-sided label smoothing for bce, e.g. 0.9
     gp_weight: float = 10.0  # wgan-gp gradient penalty weight
 
     def __post_init__(self) -> None:
-        _choice("loss.kind", self.kind, ("bce", "hinge", "wgan-gp"))
+        registry.lookup("loss.kind").check(self.kind)
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"loss.real_label: {self.real_label} is not allowed; must be in (0.5, 1]")
         _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
@@ -192,7 +197,7 @@ class LogConfig:
         _positive("log.every", self.every)
         _positive("log.sample_every", self.sample_every)
         _positive("log.n_samples", self.n_samples)
-        _choice("log.wandb", self.wandb, ("auto", "online", "offline", "disabled"))
+        _choice("log.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclass
@@ -222,24 +227,22 @@ class EvalConfig:
         registry.lookup("eval.evaluator").check(self.evaluator)
 
 
-AUGMENT_OPS = ("translation", "cutout")
-
-
 @dataclass
 class AugmentConfig:
     # Differentiable augmentation of everything D sees (DiffAugment, Zhao et al. 2020), real and fake alike,
-    # in the D and the G step: a comma-separated list of ops from AUGMENT_OPS, "" (off) by default.
+    # in the D and the G step: a comma-separated list of ops from augment.AUGMENT_OPS, "" (off) by default.
     #   translation: shift by up to 1/8 of the image (3 px) each way, background filled in;
     #   cutout: blank a random square of half the image side (14 px).
     policy: str = ""
     p: float = 1.0  # probability that each op is applied to each image (DiffAugment itself: always)
 
     def __post_init__(self) -> None:
-        unknown = [op for op in self.ops() if op not in AUGMENT_OPS]
+        known = registry.lookup("augment.policy")
+        unknown = [op for op in self.ops() if op not in known]
         if unknown:
             raise ConfigError(
                 f"augment.policy: {unknown[0]!r} is not allowed; use a comma-separated list of "
-                f"{', '.join(AUGMENT_OPS)}, or an empty string for none"
+                f"{', '.join(known.names())}, or an empty string for none"
             )
         if not 0.0 < self.p <= 1.0:
             raise ConfigError(f"augment.p: {self.p} is not allowed; must be in (0, 1]")
@@ -269,8 +272,12 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.loss.kind == "wgan-gp" and self.model.arch == "dcgan" and self.model.d_batchnorm:
-            raise ConfigError("model.d_batchnorm: must be false with loss.kind=wgan-gp (the penalty is per sample)")
+        loss = registry.lookup("loss.kind")[self.loss.kind]
+        arch = registry.lookup("model.arch")[self.model.arch]
+        if loss.per_sample_penalty and "d_batchnorm" in arch.options and self.model.d_batchnorm:
+            raise ConfigError(
+                f"model.d_batchnorm: must be false with loss.kind={self.loss.kind} (the penalty is per sample)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,14 +317,14 @@ def _translate(exc: OmegaConfBaseException, source: str, key_hint: str = "?") ->
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return ConfigError(f"{source}: unknown key '{key}'{hint}{nearby_text}")
     if isinstance(exc, ValidationError):
-        first = str(exc).splitlines()[0]
+        first = one_line(exc, first_line=True)
         match = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
         if match:
             return ConfigError(f"{source}: {key}={match.group(1)!r} is not a valid {match.group(3).lower()}")
         return ConfigError(f"{source}: {key}: {first}")
     if key in [f.name for f in fields(Config)] and key != "seed":
         return ConfigError(f"{source}: {key} is a section; set its keys, e.g. {key}.{_section_keys(key)[0]}=...")
-    return ConfigError(f"{source}: {key}: {str(exc).splitlines()[0]}")
+    return ConfigError(f"{source}: {key}: {one_line(exc, first_line=True)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -331,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: not valid YAML: {one_line(exc, first_line=True)}") from None
         top = yaml.safe_load(path.read_text())
         if (top is not None and not isinstance(top, dict)) or any(v is None for v in (top or {}).values()):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, run, data, train, ...)")

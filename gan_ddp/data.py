@@ -37,19 +37,39 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gan_ddp.barrier import main_first
-from gan_ddp.errors import GanDdpError
+from gan_ddp.config import SPLITS
+from gan_ddp.errors import GanDdpError, one_line
+from gan_ddp.registry import Registry
 
-DATASETS = ("mnist", "fashion_mnist")
-SPLITS = ("train", "test", "all")
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One `data.dataset`: an MNIST-format dataset (IDX files, 28x28 grey images, labels 0..9)."""
+
+    site: str  # where users get the files, for error messages
+    folders: tuple[str, ...]  # under data.root, in search order; the torchvision class's <name>/raw among them
+    torchvision: str  # the torchvision.datasets class that downloads it
+    install_hint: str = ""  # another way to get the files, for error messages
+    bundled: bool = False  # the package carries its test split (data.root=bundled, data.fallback=bundled)
+
+
+DATASETS: Registry[DatasetSpec] = Registry("data.dataset")
+DATASETS.add("mnist", DatasetSpec(site="MNIST", folders=("", "MNIST/raw", "mnist"), torchvision="MNIST", bundled=True))
+DATASETS.add(
+    "fashion_mnist",
+    DatasetSpec(
+        site="Fashion-MNIST",
+        folders=("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
+        torchvision="FashionMNIST",
+        install_hint=(
+            "on Debian: apt-get install dataset-fashion-mnist, then data.root=/usr/share/datasets/fashion-mnist"
+        ),
+    ),
+)
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-# Folders under data.root, in search order; "MNIST/raw" etc. is where torchvision downloads to.
-_SUBDIRS = {
-    "mnist": ("", "MNIST/raw", "mnist"),
-    "fashion_mnist": ("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
 }
 # The data.root value that names the copy of the MNIST test split shipped inside the package.
 BUNDLED = "bundled"
@@ -152,9 +172,9 @@ def read_idx(path: str | Path, expect_ndim: int) -> Tensor:
                     f"the header {list(shape)} declares"
                 )
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt gzip stream ({_one_line(exc)})") from exc
+        raise DataError(f"{path}: corrupt gzip stream ({one_line(exc)})") from exc
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from exc
+        raise DataError(f"{path}: cannot read: {exc.strerror or one_line(exc)}") from exc
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(shape))
 
 
@@ -168,23 +188,19 @@ def _diagnose(head: bytes) -> str:
     return "not an IDX file"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise DataError(f"unknown {name} {value!r}: expected one of {', '.join(choices)}")
 
 
 def _how_to_get(dataset: str, offer_download: bool) -> str:
-    site = "MNIST" if dataset == "mnist" else "Fashion-MNIST"
+    spec = DATASETS[dataset]
     names = ", ".join(f"{stem}[.gz]" for split in ("train", "test") for stem in _STEMS[split])
-    advice = f"copy the IDX files ({names}; from the {site} site or any mirror) into data.root"
+    advice = f"copy the IDX files ({names}; from the {spec.site} site or any mirror) into data.root"
     if offer_download:
         advice = f"run with data.download=true on a machine with internet, or {advice}"
-    if dataset == "fashion_mnist":
-        advice += "; on Debian: apt-get install dataset-fashion-mnist, then data.root=/usr/share/datasets/fashion-mnist"
+    if spec.install_hint:
+        advice += f"; {spec.install_hint}"
     return advice
 
 
@@ -194,7 +210,7 @@ def is_bundled(root: str | Path) -> bool:
 
 def default_root(dataset: str, split: str) -> str:
     """Where commands look when no root is given: the bundled copy is the official MNIST test split itself."""
-    return BUNDLED if (dataset, split) == ("mnist", "test") else "data"
+    return BUNDLED if split == "test" and DATASETS[dataset].bundled else "data"
 
 
 def bundled_files() -> tuple[Path, Path]:
@@ -206,7 +222,7 @@ def bundled_files() -> tuple[Path, Path]:
             got = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
         except OSError as exc:
             raise DataError(
-                f"{path}: the bundled MNIST test split cannot be read ({exc.strerror or _one_line(exc)}); "
+                f"{path}: the bundled MNIST test split cannot be read ({exc.strerror or one_line(exc)}); "
                 "reinstall gan-ddp"
             ) from exc
         if got != expected:
@@ -220,14 +236,14 @@ def find_split_files(root: str | Path, dataset: str, split_name: str) -> tuple[P
     _check_choice("dataset", dataset, DATASETS)
     _check_choice("split", split_name, ("train", "test"))
     if is_bundled(root):
-        if (dataset, split_name) != ("mnist", "test"):
+        if not (split_name == "test" and DATASETS[dataset].bundled):
             raise DataError(
                 f"data.root={BUNDLED} holds only the MNIST test split (10,000 images), not {dataset} "
                 f"{split_name}: use data.split=test, or point data.root at a folder with the {dataset} files"
             )
         return bundled_files()
     root = Path(root).expanduser()
-    folders = [root / sub for sub in _SUBDIRS[dataset]]
+    folders = [root / sub for sub in DATASETS[dataset].folders]
     for folder in folders:
         found = [_existing(folder / stem) for stem in _STEMS[split_name]]
         if found[0] and found[1]:
@@ -250,7 +266,7 @@ def _existing(stem: Path) -> Path | None:
 def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
     from torchvision import datasets  # lazy: only needed here, and slow to import
 
-    cls = datasets.MNIST if dataset == "mnist" else datasets.FashionMNIST
+    cls = getattr(datasets, DATASETS[dataset].torchvision)
     target = root / cls.__name__  # torchvision's <root>/MNIST/raw
     existed = target.exists()
     try:
@@ -260,7 +276,7 @@ def _download(dataset: str, root: Path, splits: Sequence[str]) -> None:
         if not existed:  # leave no empty folders behind in the user's data.root
             shutil.rmtree(target, ignore_errors=True)
         raise DownloadError(
-            f"could not download {dataset} into {root}: {_one_line(exc)}; {_how_to_get(dataset, False)}"
+            f"could not download {dataset} into {root}: {one_line(exc)}; {_how_to_get(dataset, False)}"
         ) from exc
 
 
@@ -276,7 +292,7 @@ def _locate(
     try:
         _download(dataset, Path(root).expanduser(), splits)
     except DownloadError:
-        if not (fallback and dataset == "mnist"):
+        if not (fallback and DATASETS[dataset].bundled):
             raise
         return [bundled_files()], "fallback"
     return [find_split_files(root, dataset, s) for s in splits], "download"

@@ -12,6 +12,16 @@ from __future__ import annotations
 EXIT_USAGE = 2
 
 
+def one_line(exc: BaseException, named: bool = False, first_line: bool = False) -> str:
+    """An exception's message on one line (libraries' messages often span several), for `error:` lines:
+    all of it joined, or only its `first_line` (where the rest is a traceback or a hint of the library's own)."""
+    text = str(exc).strip()
+    text = " ".join((text.splitlines()[0] if first_line and text else text).split())
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if named else text
+
+
 class GanDdpError(Exception):
     """A failure with a one-line message that names its culprit."""
 
@@ -26,3 +36,7 @@ class MissingRunFileError(GanDdpError, FileNotFoundError):
 
 class ConfigError(GanDdpError, ValueError):
     """A bad configuration value; the message is one line that names the key."""
+
+
+class UsageError(GanDdpError, ValueError):
+    """A command's argument out of range, or arguments that do not go together (`--n must be > 0`, ...)."""

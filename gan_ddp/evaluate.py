@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from gan_ddp.barrier import main_first
 from gan_ddp.data import DataError, default_root
 from gan_ddp.distributed import check_consistency
+from gan_ddp.errors import UsageError, one_line
 from gan_ddp.eval_metrics import (
     CONDITIONAL_KEYS,
     METRIC_KEYS,
@@ -86,7 +87,7 @@ def score_npz(path: str | Path, evaluator: MnistEvaluator, real_stats: RealStats
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"{path}: not a readable .npz file ({' '.join(str(exc).split())})") from exc
+        raise DataError(f"{path}: not a readable .npz file ({one_line(exc)})") from exc
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (28, 28, 1) or array.shape[0] < 2:
         raise DataError(
             f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 (N, 28, 28, 1) with N >= 2 "
@@ -209,9 +210,9 @@ def _format(value: float | int) -> str:
 def run_eval(args: Any) -> int:
     """``gan-ddp eval``: works under ``torchrun``/``accelerate launch`` too (generation is split over ranks)."""
     if args.n < 2 or args.batch < 1:
-        raise ValueError(f"--n must be >= 2 and --batch >= 1, got {args.n} and {args.batch}")
+        raise UsageError(f"--n must be >= 2 and --batch >= 1, got {args.n} and {args.batch}")
     if args.all_checkpoints and (args.run is None or args.checkpoint is not None):
-        raise ValueError("--all-checkpoints goes with --run and without --checkpoint")
+        raise UsageError("--all-checkpoints goes with --run and without --checkpoint")
     if args.all_checkpoints:
         return _eval_all_checkpoints(args)
     if args.samples is not None:
@@ -331,7 +332,7 @@ def _eval_all_checkpoints(args: Any) -> int:
 def run_train_evaluator(args: Any) -> int:
     """``gan-ddp train-evaluator``: train (or load) and show the evaluator's card."""
     if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     real = _command_line_data(args)
     _, info = load_or_train_evaluator(
         real, args.cache_dir, seed=args.seed, epochs=args.epochs, force=args.force, kind=args.evaluator

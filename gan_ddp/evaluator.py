@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan_ddp.data import DataError, data_checksum, find_split_files, load_arrays, normalize, read_idx
+from gan_ddp.errors import one_line
 from gan_ddp.fsutil import atomic_write
 from gan_ddp.models import N_CLASSES
 from gan_ddp.registry import Registry
@@ -200,7 +201,7 @@ def load_evaluator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     try:
         info = EvaluatorInfo(**json.loads(card.read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise DataError(f"{card}: not a readable evaluator card ({' '.join(str(exc).split())})") from exc
+        raise DataError(f"{card}: not a readable evaluator card ({one_line(exc)})") from exc
     kinds = {spec.arch: kind for kind, spec in EVALUATORS.items()}
     if info.arch not in kinds:
         known = ", ".join(repr(a) for a in kinds)
@@ -212,7 +213,7 @@ def load_evaluator(path: str | Path, device: str | torch.device = "cpu") -> tupl
     try:
         model.load_state_dict(load_file(str(path)))
     except (OSError, RuntimeError, SafetensorError) as exc:
-        raise DataError(f"{path}: cannot load evaluator weights ({' '.join(str(exc).split())[:200]})") from exc
+        raise DataError(f"{path}: cannot load evaluator weights ({one_line(exc)[:200]})") from exc
     model.info = info
     return model.to(device).eval(), info
 

@@ -7,49 +7,71 @@ saturates to log(0) in half precision and is rejected by autocast).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-LOSSES = ("bce", "hinge", "wgan-gp")
-
-
-def _check(kind: str) -> None:
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss kind {kind!r}; expected one of {LOSSES}")
+from gan_ddp.registry import Registry
 
 
-def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float = 1.0) -> torch.Tensor:
-    """Discriminator / critic loss (scalar float32).
+@dataclass(frozen=True)
+class Loss:
+    """One adversarial objective, on D's logits (cast to float32 first)."""
 
-    - ``"bce"``: ``BCE(real, real_label) + BCE(fake, 0)``, each term a batch mean, the two
-      terms SUMMED (as the classic tutorials do; at logits 0 this is ``2 log 2``).
-      ``real_label < 1`` gives one-sided label smoothing (fake targets stay 0).
-    - ``"hinge"``: ``mean(relu(1 - real)) + mean(relu(1 + fake))``.
-    - ``"wgan-gp"``: ``mean(fake) - mean(real)``; add ``gradient_penalty`` separately.
-    """
-    _check(kind)
-    real, fake = real_logits.float(), fake_logits.float()
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(
-            real, torch.full_like(real, real_label)
-        ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-    if kind == "hinge":
-        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    d: Callable[[Tensor, Tensor, float], Tensor]  # (real logits, fake logits, real label) -> D loss
+    g: Callable[[Tensor], Tensor]  # fake logits -> G loss
+    # D's loss also takes `gradient_penalty`, computed per sample: D must not mix samples (no BatchNorm).
+    per_sample_penalty: bool = False
+
+
+LOSSES: Registry[Loss] = Registry("loss.kind")
+
+
+def _non_saturating_g(fake: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))  # = mean(softplus(-fake))
+
+
+def _bce_d(real: Tensor, fake: Tensor, real_label: float) -> Tensor:
+    # The two terms are batch means, SUMMED as the classic tutorials do (2 log 2 at logits 0);
+    # real_label < 1 is one-sided label smoothing (fake targets stay 0).
+    return F.binary_cross_entropy_with_logits(real, torch.full_like(real, real_label)) + (
+        F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    )
+
+
+def _hinge_d(real: Tensor, fake: Tensor, real_label: float) -> Tensor:
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def _wasserstein_d(real: Tensor, fake: Tensor, real_label: float) -> Tensor:
     return fake.mean() - real.mean()
 
 
-def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Generator loss (scalar float32).
-
-    ``"bce"`` is the non-saturating loss ``BCE(fake, 1) = mean(softplus(-fake))``;
-    ``"hinge"`` and ``"wgan-gp"`` both use ``-mean(fake)``.
-    """
-    _check(kind)
-    fake = fake_logits.float()
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+def _wasserstein_g(fake: Tensor) -> Tensor:
     return -fake.mean()
+
+
+LOSSES.add("bce", Loss(d=_bce_d, g=_non_saturating_g))  # the tutorials' non-saturating GAN
+LOSSES.add("hinge", Loss(d=_hinge_d, g=_wasserstein_g))
+LOSSES.add("wgan-gp", Loss(d=_wasserstein_d, g=_wasserstein_g, per_sample_penalty=True))
+
+
+def d_loss(kind: str, real_logits: Tensor, fake_logits: Tensor, real_label: float = 1.0) -> Tensor:
+    """Discriminator / critic loss (scalar float32).
+
+    - ``"bce"``: ``BCE(real, real_label) + BCE(fake, 0)``.
+    - ``"hinge"``: ``mean(relu(1 - real)) + mean(relu(1 + fake))``.
+    - ``"wgan-gp"``: ``mean(fake) - mean(real)``; add ``gradient_penalty`` separately.
+    """
+    return LOSSES[kind].d(real_logits.float(), fake_logits.float(), real_label)
+
+
+def g_loss(kind: str, fake_logits: Tensor) -> Tensor:
+    """Generator loss (scalar float32): ``"bce"`` the non-saturating ``BCE(fake, 1)``, the others ``-mean(fake)``."""
+    return LOSSES[kind].g(fake_logits.float())
 
 
 def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -7,17 +7,20 @@ unbounded scores anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from gan_ddp.registry import Registry
 
 if TYPE_CHECKING:
     from gan_ddp.config import ModelConfig
 
 IMG_SHAPE = (1, 28, 28)
 IMG_NUMEL = 28 * 28
-ARCHS = ("mlp", "dcgan")
 N_CLASSES = 10  # MNIST and Fashion-MNIST both have ten
 
 # Class-conditional models (``model.conditional: true``) take labels as a second input, ``y``: either class
@@ -270,22 +273,40 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias.weight)
 
 
+# ------------------------------------------------------------------------ architectures
+@dataclass(frozen=True)
+class Arch:
+    """One `model.arch`: how to build (G, D), and which `model.*` keys set its parameter shapes."""
+
+    build: Callable[[ModelConfig, bool], tuple[nn.Module, nn.Module]]  # (config, conditional) -> (G, D)
+    options: tuple[str, ...]  # the shape-setting keys this arch reads, beyond z_dim
+
+
+ARCHS: Registry[Arch] = Registry("model.arch")
+
+
+def _build_mlp(cfg: ModelConfig, conditional: bool) -> tuple[nn.Module, nn.Module]:
+    # PyTorch default init, as in the tutorials this reproduces.
+    gen = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope, conditional)
+    return gen, MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout, conditional)
+
+
+def _build_dcgan(cfg: ModelConfig, conditional: bool) -> tuple[nn.Module, nn.Module]:
+    gen = DCGANGenerator(cfg.z_dim, cfg.g_channels, conditional)
+    disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm, conditional)
+    dcgan_init_(gen)
+    dcgan_init_(disc)
+    return gen, disc
+
+
+ARCHS.add("mlp", Arch(build=_build_mlp, options=("g_hidden", "d_hidden")))
+ARCHS.add("dcgan", Arch(build=_build_dcgan, options=("g_channels", "d_channels", "d_batchnorm")))
+
+
 # ------------------------------------------------------------------------ public
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """Return ``(generator, discriminator)`` for ``cfg.arch`` ("mlp" or "dcgan")."""
-    conditional = bool(getattr(cfg, "conditional", False))
-    if cfg.arch == "mlp":
-        # PyTorch default init, as in the tutorials this reproduces.
-        gen: nn.Module = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope, conditional)
-        disc: nn.Module = MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout, conditional)
-    elif cfg.arch == "dcgan":
-        gen = DCGANGenerator(cfg.z_dim, cfg.g_channels, conditional)
-        disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm, conditional)
-        dcgan_init_(gen)
-        dcgan_init_(disc)
-    else:
-        raise ValueError(f"unknown model arch {cfg.arch!r}; expected one of {ARCHS}")
-    return gen, disc
+    """Return ``(generator, discriminator)`` for ``cfg.arch``."""
+    return ARCHS[cfg.arch].build(cfg, bool(getattr(cfg, "conditional", False)))
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -304,12 +325,7 @@ def model_signature(cfg: ModelConfig) -> dict[str, Any]:
     sig: dict[str, Any] = {"arch": cfg.arch, "z_dim": int(cfg.z_dim)}
     if getattr(cfg, "conditional", False):
         sig["conditional"] = True
-    if cfg.arch == "mlp":
-        sig |= {"g_hidden": [int(h) for h in cfg.g_hidden], "d_hidden": [int(h) for h in cfg.d_hidden]}
-    else:
-        sig |= {
-            "g_channels": int(cfg.g_channels),
-            "d_channels": int(cfg.d_channels),
-            "d_batchnorm": bool(cfg.d_batchnorm),
-        }
+    for key in ARCHS[cfg.arch].options:
+        value = getattr(cfg, key)  # a list of widths (OmegaConf may hand a ListConfig), a width, or a switch
+        sig[key] = [int(v) for v in value] if not isinstance(value, (int, bool)) else value
     return sig

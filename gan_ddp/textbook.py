@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gan_ddp.errors import UsageError
+
 
 class TextbookMNIST(torch.utils.data.Dataset):
     """What `torchvision.datasets.MNIST` does per item: uint8 array -> PIL image -> transform. Built from the
@@ -157,7 +159,7 @@ def run_textbook(args: argparse.Namespace) -> int:
 
     for name in ("seconds", "every", "n"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
     cfg = load_config(args.config, args.overrides)
     images, labels = load_arrays(cfg.data.dataset, cfg.data.root, cfg.data.split, cfg.data.download)
     loop = TextbookLoop(cfg, images, labels)

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gan_ddp.config import WANDB_MODES
+from gan_ddp.errors import ConfigError, one_line
+
 RUN_ID_FILE = "wandb_run_id.txt"
-MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 90.0
 # What `WANDB_MODE` may say (wandb's own spellings) and what each means here.
@@ -94,14 +96,14 @@ def resolve_mode(
 
     "auto": `WANDB_MODE` if set, else online with credentials and offline (with a warning) without.
     An explicit "online"/"offline"/"disabled" is kept, except online without credentials -> offline.
-    Raises ValueError for an unknown `mode` or `WANDB_MODE`.
+    Raises ConfigError (a ValueError) for an unknown `mode` or `WANDB_MODE`.
     """
-    if mode not in MODES:
-        raise ValueError(f"W&B mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"log.wandb: {mode!r} is not allowed; choose one of {', '.join(WANDB_MODES)}")
     if mode == "auto" and environ.get("WANDB_MODE"):
         env_mode = environ["WANDB_MODE"].strip().lower()
         if env_mode not in _ENV_MODES:
-            raise ValueError(f"WANDB_MODE={environ['WANDB_MODE']!r} is not one of {', '.join(_ENV_MODES)}")
+            raise ConfigError(f"WANDB_MODE={environ['WANDB_MODE']!r} is not one of {', '.join(_ENV_MODES)}")
         mode = _ENV_MODES[env_mode]
     if mode in ("disabled", "offline"):
         return mode, None
@@ -109,12 +111,6 @@ def resolve_mode(
     if has_credentials(environ, home):
         return "online", None
     return "offline", offline_warning(run_dir)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class Tracker:
@@ -206,7 +202,7 @@ class Tracker:
         self.active = False
         if not self._warned:
             self._warned = True
-            self._warn(f"W&B disabled: {_one_line(exc)}; training continues")
+            self._warn(f"W&B disabled: {one_line(exc, named=True, first_line=True)}; training continues")
 
     # -- logging ----------------------------------------------------------------------------------------
     # Steps must increase: W&B merges calls with the same step into one row and drops (with its own warning,

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from gan_ddp.distributed import (
 from gan_ddp.doctor import check_gpu_kernels
 from gan_ddp.ema import GeneratorEMA
 from gan_ddp.fsutil import atomic_write
-from gan_ddp.losses import d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.metrics import MetricWindow
 from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
 from gan_ddp.tracking import Tracker
@@ -301,7 +301,7 @@ class Trainer:
                 real_logits = self.D(real_in, real_y)
                 fake_logits = self.D(fake_in, fake_y)
             loss = d_loss(cfg.kind, real_logits, fake_logits, cfg.real_label)
-        if cfg.kind == "wgan-gp":  # conditional: the interpolates are scored as the real images' classes
+        if LOSSES[cfg.kind].per_sample_penalty:  # conditional: interpolates are scored as the real images' classes
             critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
             loss = loss + cfg.gp_weight * gradient_penalty(critic, real_in, fake_in.detach())
         self.opt_d.zero_grad(set_to_none=True)
@@ -704,11 +704,9 @@ class Trainer:
         self.accelerator.end_training()  # finishes Accelerate's trackers, destroys the process group
         return exit_code
 
-    def _loop(self, started: float) -> tuple[int, str]:
-        cfg, acc = self.cfg, self.accelerator
-        window_start = time.monotonic()
-        last_saved = self.step if self.step else -1
-        step_seconds = 0.0
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """(epoch, batch) from the current step to the last; a resumed run continues mid-epoch exactly."""
+        acc = self.accelerator
         while self.step < self.total_steps:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             # Through Accelerate's loader, not the sampler: its __iter__ re-applies its own epoch counter
@@ -718,55 +716,75 @@ class Trainer:
             if position:  # Accelerate < 1.11 (the K80 stack's 1.10) starts the skipping loader at epoch 0
                 batches.set_epoch(epoch)
             for batch in batches:
-                t0 = time.monotonic()
-                self.advance(batch)
-                self.console.advance(self.step, self.step // self.steps_per_epoch)
-
-                if self.step % cfg.log.every == 0:
-                    metrics = self._flush_metrics(epoch, time.monotonic() - window_start)
-                    window_start = time.monotonic()
-                    self._write_metrics(metrics)
-                    self.console.log(metrics, self.total_steps, self.cfg.train.max_seconds)
-                    self.last_metrics = metrics
-                    guard.check_metrics(metrics)  # after the line is written: metrics.jsonl shows the null
-                    if cfg.train.check_consistency:
-                        self.consistency_checks += bool(self.check_consistency(buffers=False))
-                paused = time.monotonic()
-                if self.step % cfg.log.sample_every == 0:
-                    self._save_grid()
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.evaluate()
-                if self.step % cfg.checkpoint.every == 0:
-                    self.save_checkpoint()
-                    last_saved = self.step
-                window_start += time.monotonic() - paused  # img_per_s measures training, not grids and saves
-                step_seconds = time.monotonic() - t0
-                if self.world == 1 or self.step % STOP_CHECK_EVERY == 0:
-                    why = self._should_stop(started, step_seconds)
-                    if why is not None:
-                        if last_saved != self.step:
-                            self.save_checkpoint()
-                        if why == "signal":
-                            self.console.print(
-                                f"stop requested by signal: checkpoint at step {self.step}, exit {EXIT_PREEMPTED}"
-                            )
-                            return EXIT_PREEMPTED, "preempted"
-                        self.console.print(f"train.max_seconds reached: checkpoint at step {self.step}")
-                        return EXIT_OK, "time budget"
+                yield epoch, batch
                 if self.step >= self.total_steps:
-                    break
+                    return
+
+    def _loop(self, started: float) -> tuple[int, str]:
+        """Train to the last step, or until a signal or the time budget stops the run: (exit code, reason)."""
+        cfg = self.cfg
+        window_start = time.monotonic()  # of the open metrics window, less the time spent on outputs
+        last_saved = self.step if self.step else -1
+        for epoch, batch in self._batches():
+            t0 = time.monotonic()
+            self.advance(batch)
+            self.console.advance(self.step, self.step // self.steps_per_epoch)
+            if self.step % cfg.log.every == 0:
+                self._log_window(epoch, time.monotonic() - window_start)
+                window_start = time.monotonic()
+            paused = time.monotonic()
+            last_saved = self._periodic_outputs(last_saved)
+            window_start += time.monotonic() - paused  # img_per_s measures training, not grids and saves
+            if self.world == 1 or self.step % STOP_CHECK_EVERY == 0:
+                stop = self._stop_if_asked(started, time.monotonic() - t0, last_saved)
+                if stop is not None:
+                    return stop
         # The checkpoint first: it keeps the open metrics window, so training extended later (more
         # steps or epochs) logs exactly what one longer run would have.
         if last_saved != self.step:
             self.save_checkpoint()
         if self.window.local_steps:
-            metrics = self._flush_metrics(self.step // self.steps_per_epoch, time.monotonic() - window_start)
-            self._write_metrics(metrics)
-            self.last_metrics = metrics
-            guard.check_metrics(metrics)
+            self._log_window(self.step // self.steps_per_epoch, time.monotonic() - window_start, final=True)
         if self.step % cfg.log.sample_every:
             self._save_grid()
         return EXIT_OK, "done"
+
+    def _log_window(self, epoch: int, seconds: float, final: bool = False) -> None:
+        """Close the metrics window: metrics.jsonl, W&B, the console; then the divergence and DDP checks.
+        The `final` window, closed by the end of training, is written only (the run's summary follows)."""
+        metrics = self._flush_metrics(epoch, seconds)
+        self._write_metrics(metrics)
+        if not final:
+            self.console.log(metrics, self.total_steps, self.cfg.train.max_seconds)
+        self.last_metrics = metrics
+        guard.check_metrics(metrics)  # after the line is written: metrics.jsonl shows the null
+        if not final and self.cfg.train.check_consistency:
+            self.consistency_checks += bool(self.check_consistency(buffers=False))
+
+    def _periodic_outputs(self, last_saved: int) -> int:
+        """The sample grid, evaluation and checkpoint due at this step; returns the last checkpointed step."""
+        cfg = self.cfg
+        if self.step % cfg.log.sample_every == 0:
+            self._save_grid()
+        if cfg.eval.every and self.step % cfg.eval.every == 0:
+            self.evaluate()
+        if self.step % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
+            return self.step
+        return last_saved
+
+    def _stop_if_asked(self, started: float, step_seconds: float, last_saved: int) -> tuple[int, str] | None:
+        """After a signal or near the time budget (agreed by all ranks): checkpoint, and (exit code, reason)."""
+        why = self._should_stop(started, step_seconds)
+        if why is None:
+            return None
+        if last_saved != self.step:
+            self.save_checkpoint()
+        if why == "signal":
+            self.console.print(f"stop requested by signal: checkpoint at step {self.step}, exit {EXIT_PREEMPTED}")
+            return EXIT_PREEMPTED, "preempted"
+        self.console.print(f"train.max_seconds reached: checkpoint at step {self.step}")
+        return EXIT_OK, "time budget"
 
     def _resume_point(self) -> str:
         complete = [p for p in ckpt.list_checkpoints(self.ckpt_root) if (p / ckpt.MANIFEST).is_file()]

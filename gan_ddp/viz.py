@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gan_ddp.errors import MissingRunFileError
+from gan_ddp.errors import MissingRunFileError, UsageError
 
 __all__ = [
     "latent_between",
@@ -175,7 +175,7 @@ def make_animation(run_dir: str | Path, out: str | Path | None = None, fps: floa
     from PIL import Image, ImageDraw, ImageFont
 
     if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise UsageError(f"fps must be > 0, got {fps}")
     run_dir = Path(run_dir)
     samples_dir = run_dir / SAMPLES_DIR
     grids = _sample_grids(samples_dir)

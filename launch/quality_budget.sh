@@ -39,6 +39,7 @@ train() {  # name config checkpoint.every
 train mnist_mlp configs/mnist_mlp.yaml 2000
 train mnist_dcgan configs/mnist_dcgan.yaml 250
 train mnist_quality configs/mnist_quality.yaml 1000
+train mnist_conditional configs/mnist_conditional.yaml 1000
 if [ ! -f "$OUT/textbook/BUDGET_DONE" ]; then
     rm -rf "${OUT:?}/textbook"
     "$GAN" textbook --config configs/mnist_mlp.yaml --seconds "$SECONDS_BUDGET" --every "$EVERY" --n "$N" \
@@ -51,7 +52,7 @@ data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sy
     "$OUT/mnist_mlp/config.yaml")
 read -r dataset root split <<<"$data"
 for evaluator in cnn mlp; do
-    for name in mnist_mlp mnist_dcgan mnist_quality; do
+    for name in mnist_mlp mnist_dcgan mnist_quality mnist_conditional; do
         "$GAN" eval --run "$OUT/$name" --all-checkpoints --n "$N" --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
     done
     for npz in "$OUT"/textbook/t*.npz; do
@@ -64,9 +65,11 @@ import json, sys
 out, budget = sys.argv[1], float(sys.argv[2])
 for evaluator in ("cnn", "mlp"):
     curves = {}
-    for name in ("mnist_mlp", "mnist_dcgan", "mnist_quality"):
+    finals = {}
+    for name in ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional"):
         rows = json.load(open(f"{out}/{name}.{evaluator}.json"))["rows"]
         curves[name] = [(r["time_s"], r["eval/fid"], r["eval/coverage"]) for r in rows]
+        finals[name] = rows[-1]
     log = [json.loads(line) for line in open(f"{out}/textbook/log.jsonl")]
     tb = []
     for line in log:
@@ -83,4 +86,15 @@ for evaluator in ("cnn", "mlp"):
             before = [p for p in points if p[0] is not None and p[0] <= m + 1]
             cells.append(f"{before[-1][1]:.1f} ({before[-1][2]})" if before else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # The newest checkpoint of each run, every metric: KID x 1000 as mean +- std over subsets;
+    # agreement (the evaluator's class = the requested one) only for class-conditional generators.
+    print(f"\n{evaluator} evaluator: every metric at the budget")
+    print("| config | steps | FID | KID x 1000 | precision | recall | classes | agreement (worst class) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in finals.items():
+        agreement = f"{r['eval/agreement']:.1%} ({r['eval/agreement_min']:.1%})" if "eval/agreement" in r else "-"
+        print(
+            f"| {name} | {r['step']:,} | {r['eval/fid']:.1f} | {1000 * r['eval/kid']:.2f} ± {1000 * r['eval/kid_std']:.2f}"
+            f" | {r['eval/precision']:.3f} | {r['eval/recall']:.3f} | {r['eval/coverage']} | {agreement} |"
+        )
 EOF

@@ -17,7 +17,7 @@ import gan_ddp.evaluator as evr
 
 pytestmark = pytest.mark.slow
 
-RUNS = ("mnist_mlp", "mnist_dcgan", "mnist_quality")
+RUNS = ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional")
 
 
 def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: Path) -> None:
@@ -60,3 +60,15 @@ def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: 
         for name in (*RUNS, "textbook loop"):
             row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
             assert re.search(r"\| \d+\.\d \(\d+\) \|$", row), row
+
+    # One "every metric" table per evaluator: KID, precision and recall for every config; the agreement
+    # with the requested class for the conditional one only.
+    for evaluator in ("cnn", "mlp"):
+        table = proc.stdout.split(f"{evaluator} evaluator: every metric at the budget")[1].split("evaluator: FID")[0]
+        for name in RUNS:
+            row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert re.fullmatch(r"-?\d+\.\d\d ± \d+\.\d\d", cells[3]), row  # KID x 1000
+            assert all(0 <= float(c) <= 1 for c in cells[4:6]), row  # precision, recall
+            conditional = re.fullmatch(r"\d+\.\d% \(\d+\.\d%\)", cells[7])
+            assert bool(conditional) == (name == "mnist_conditional"), row

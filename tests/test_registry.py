@@ -1,0 +1,55 @@
+"""The registries: each choice declared once beside its code; the config's allowed values come from there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gan_ddp import registry
+from gan_ddp.augment import AUGMENT_OPS
+from gan_ddp.config import ConfigError, load_config
+from gan_ddp.data import DATASETS
+from gan_ddp.losses import LOSSES, Loss, d_loss, g_loss
+from gan_ddp.models import ARCHS, build_models
+
+
+@pytest.mark.parametrize(
+    ("key", "reg"),
+    [("loss.kind", LOSSES), ("model.arch", ARCHS), ("data.dataset", DATASETS), ("augment.policy", AUGMENT_OPS)],
+)
+def test_config_keys_find_their_registry(key, reg):
+    assert registry.lookup(key) is reg
+    assert reg.names() and all(name in reg for name in reg.names())
+
+
+def test_a_new_loss_is_one_registration(monkeypatch):
+    """What adding a loss takes: one entry beside the code; the config accepts it and lists it in errors."""
+    lsgan = Loss(d=lambda r, f, label: ((r - label) ** 2).mean() + (f**2).mean(), g=lambda f: ((f - 1) ** 2).mean())
+    monkeypatch.setitem(LOSSES._entries, "lsgan", lsgan)
+    assert load_config(None, ["loss.kind=lsgan"]).loss.kind == "lsgan"
+    assert d_loss("lsgan", torch.ones(4), torch.zeros(4)).item() == 0.0
+    assert g_loss("lsgan", torch.ones(4)).item() == 0.0
+    with pytest.raises(ConfigError, match="choose one of bce, hinge, wgan-gp, lsgan"):
+        load_config(None, ["loss.kind=lsgan2"])
+
+
+def test_every_arch_builds_and_reads_only_its_options():
+    cfg = load_config(None, []).model
+    for name, arch in ARCHS.items():
+        cfg.arch = name
+        G, D = build_models(cfg)
+        assert D(G(torch.randn(2, cfg.z_dim))).shape == (2,)
+        assert all(hasattr(cfg, key) for key in arch.options)
+
+
+def test_per_sample_penalty_needs_a_d_without_batchnorm():
+    with pytest.raises(ConfigError, match=r"model\.d_batchnorm"):
+        load_config(None, ["loss.kind=wgan-gp", "model.arch=dcgan"])
+    assert load_config(None, ["loss.kind=wgan-gp", "model.arch=dcgan", "model.d_batchnorm=false"])
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(RuntimeError, match="twice"):
+        LOSSES.add("bce", LOSSES["bce"])
+    with pytest.raises(RuntimeError, match="exists already"):
+        registry.Registry("loss.kind")
