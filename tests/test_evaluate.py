@@ -164,6 +164,26 @@ def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
         evr.load_evaluator(card.with_suffix(".safetensors"))
 
 
+def test_a_new_evaluator_is_one_registration(tmp_path: Path, monkeypatch) -> None:
+    """What adding an evaluator kind takes: one `EVALUATORS` entry; the config, the network, the cache's file
+    names and the card's architecture tag all follow from it."""
+    from gan_ddp.config import load_config
+
+    tiny = evr.EvaluatorKind("mnist-tiny-f16-v1", 16, lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)), "tiny-")
+    monkeypatch.setitem(evr.EVALUATORS._entries, "tiny", tiny)
+    assert load_config(None, ["eval.evaluator=tiny"]).eval.evaluator == "tiny"
+    model = evr.MnistEvaluator("tiny")
+    assert model.feature_dim == 16 and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert (
+        evr.evaluator_path(tmp_path, "mnist", "ab" * 32, "tiny").name == f"evaluator-tiny-mnist-{'ab' * 6}.safetensors"
+    )
+    info = evr.EvaluatorInfo("mnist", "test", "ab" * 32, 1, 1, "x", 0.5, 0, 1, 1.0, "t", arch=tiny.arch)
+    path = tmp_path / "evaluator-tiny.safetensors"
+    evr.save_evaluator(model, info, path)
+    again, _ = evr.load_evaluator(path)  # the card's tag picks the kind
+    assert again.kind == "tiny" and evr.weights_sha256(again) == evr.weights_sha256(model)
+
+
 # ------------------------------------------------------------------------------ metrics on real data
 def test_real_vs_real_is_small_and_covers_all_classes(real_features, halves, stats_a) -> None:
     feats, probs = real_features

@@ -9,13 +9,20 @@ from gan_ddp import registry
 from gan_ddp.augment import AUGMENT_OPS
 from gan_ddp.config import ConfigError, load_config
 from gan_ddp.data import DATASETS
+from gan_ddp.evaluator import EVALUATORS
 from gan_ddp.losses import LOSSES, Loss, d_loss, g_loss
 from gan_ddp.models import ARCHS, build_models
 
 
 @pytest.mark.parametrize(
     ("key", "reg"),
-    [("loss.kind", LOSSES), ("model.arch", ARCHS), ("data.dataset", DATASETS), ("augment.policy", AUGMENT_OPS)],
+    [
+        ("loss.kind", LOSSES),
+        ("model.arch", ARCHS),
+        ("data.dataset", DATASETS),
+        ("augment.policy", AUGMENT_OPS),
+        ("eval.evaluator", EVALUATORS),
+    ],
 )
 def test_config_keys_find_their_registry(key, reg):
     assert registry.lookup(key) is reg
