@@ -344,9 +344,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
-        if type(exc) is ValueError:  # a command's own argument check (`--n must be > 0`, ...)
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
         known = faults.describe(exc)  # divergence, run.dir in use, I/O errors, lost or stalled processes
         if known is None:
             raise

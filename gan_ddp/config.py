@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from gan_ddp import registry
 from gan_ddp.errors import ConfigError, one_line
+from gan_ddp.fidelity import MIN_SAMPLES
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -222,7 +223,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_none=True)
-        _positive("eval.n", self.n)
+        if self.n < MIN_SAMPLES:  # also rejects 0 and negatives
+            raise ConfigError(f"eval.n: {self.n} is not allowed; must be >= {MIN_SAMPLES} (precision and recall)")
         _positive("eval.batch", self.batch)
         registry.lookup("eval.evaluator").check(self.evaluator)
 

@@ -43,6 +43,7 @@ from gan_ddp.evaluator import (
     evaluator_path,
     load_or_train_evaluator,
 )
+from gan_ddp.fidelity import MIN_SAMPLES
 from gan_ddp.models import N_CLASSES, balanced_labels
 
 
@@ -209,8 +210,8 @@ def _format(value: float | int) -> str:
 
 def run_eval(args: Any) -> int:
     """``gan-ddp eval``: works under ``torchrun``/``accelerate launch`` too (generation is split over ranks)."""
-    if args.n < 2 or args.batch < 1:
-        raise UsageError(f"--n must be >= 2 and --batch >= 1, got {args.n} and {args.batch}")
+    if args.n < MIN_SAMPLES or args.batch < 1:
+        raise UsageError(f"--n must be >= {MIN_SAMPLES} and --batch >= 1, got {args.n} and {args.batch}")
     if args.all_checkpoints and (args.run is None or args.checkpoint is not None):
         raise UsageError("--all-checkpoints goes with --run and without --checkpoint")
     if args.all_checkpoints:

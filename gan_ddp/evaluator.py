@@ -133,7 +133,7 @@ def as_model_input(images: Tensor | np.ndarray, device: torch.device | str) -> T
     elif x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected images (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), got {tuple(x.shape)}")
+        raise DataError(f"expected images (N, 28, 28), (N, 1, 28, 28) or (N, 28, 28, 1), got {tuple(x.shape)}")
     x = x.to(device)
     return normalize(x) if x.dtype == torch.uint8 else x.float()
 

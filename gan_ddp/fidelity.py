@@ -29,6 +29,7 @@ from torch import Tensor
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 PR_NEIGHBOURS = 3
+MIN_SAMPLES = PR_NEIGHBOURS + 1  # each sample needs k others for its neighbourhood radius
 PR_BATCH = 1000  # rows per distance block: (1000 x N) float32 blocks instead of one N x N matrix
 
 

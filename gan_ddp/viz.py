@@ -295,7 +295,7 @@ def _generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> t
 
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def latent_sweep(
@@ -313,7 +313,7 @@ def latent_sweep(
     A conditional G draws row i as class ``labels[i]`` (a walk within that class)."""
     z_dim = _z_dim(G)
     if not 0 <= dim < z_dim:
-        raise ValueError(f"--dim must be in [0, {z_dim}) for this generator, got {dim}")
+        raise UsageError(f"--dim must be in [0, {z_dim}) for this generator, got {dim}")
     _check_positive("--steps", steps)
     _check_positive("--rows", rows)
     # Latents are drawn on CPU so a given seed gives the same sweep on every device.
@@ -360,7 +360,7 @@ def class_between(G: nn.Module, class_a: int, class_b: int, steps: int, rows: in
     _check_positive("--rows", rows)
     for name, c in (("A", class_a), ("B", class_b)):
         if not 0 <= c < N_CLASSES:
-            raise ValueError(f"--classes {name} must be in [0, {N_CLASSES}), got {c}")
+            raise UsageError(f"--classes {name} must be in [0, {N_CLASSES}), got {c}")
     z_dim = _z_dim(G)
     z = torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(seed + i)) for i in range(rows)])
     t = torch.linspace(0.0, 1.0, steps)

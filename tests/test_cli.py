@@ -315,3 +315,20 @@ def test_subcommand_help_and_missing_command(run_cli) -> None:
     result = run_cli(check=False)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+def test_argument_errors_are_usage_errors_and_other_value_errors_are_bugs(capsys, monkeypatch) -> None:
+    """The command line knows a user's mistake by its class (GanDdpError), not by `ValueError`: one line and
+    exit 2 for a bad argument; a ValueError from a bug in the package is not dressed up as the user's fault."""
+    from gan_ddp import cli
+
+    assert cli.main(["eval", "--samples", "x.npz", "--n", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --n must be >= 4 and --batch >= 1, got 3 and 500"
+
+    def bug(args):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setitem(cli.COMMANDS, "plot", bug)
+    with pytest.raises(ValueError, match="internal"):
+        cli.main(["plot", "--run", "x"])

@@ -219,6 +219,7 @@ def test_wrong_type(override: str, expected: tuple[str, ...]) -> None:
         ("model.g_hidden=[]", ("model.g_hidden",)),
         ("model.d_hidden=[128,0]", ("model.d_hidden",)),
         ("checkpoint.keep=0", ("checkpoint.keep",)),
+        ("eval.n=3", ("eval.n", ">= 4", "precision and recall")),
     ],
 )
 def test_out_of_range(override: str, expected: tuple[str, ...]) -> None:
