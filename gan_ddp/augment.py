@@ -108,7 +108,7 @@ AUGMENT_OPS: Registry[Callable[[DiffAugment, torch.Tensor, torch.Generator], tor
 
 @AUGMENT_OPS.register("translation")
 def random_translation(aug: DiffAugment, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shift by up to TRANSLATION_RATIO of the side (3 px at 28) each way, the background filled in."""
+    """Shift by up to TRANSLATION_RATIO of the side (4 px at 28) each way, the background filled in."""
     n, h = aug.global_batch, x.shape[2]
     pad = int(h * TRANSLATION_RATIO + 0.5)
     shift = torch.randint(-pad, pad + 1, (2, n), generator=gen, device=x.device)[:, aug.rows]

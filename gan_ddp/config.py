@@ -233,7 +233,7 @@ class EvalConfig:
 class AugmentConfig:
     # Differentiable augmentation of everything D sees (DiffAugment, Zhao et al. 2020), real and fake alike,
     # in the D and the G step: a comma-separated list of ops from augment.AUGMENT_OPS, "" (off) by default.
-    #   translation: shift by up to 1/8 of the image (3 px) each way, background filled in;
+    #   translation: shift by up to 1/8 of the image (4 px at 28) each way, background filled in;
     #   cutout: blank a random square of half the image side (14 px).
     policy: str = ""
     p: float = 1.0  # probability that each op is applied to each image (DiffAugment itself: always)
