@@ -86,15 +86,16 @@ for evaluator in ("cnn", "mlp"):
             before = [p for p in points if p[0] is not None and p[0] <= m + 1]
             cells.append(f"{before[-1][1]:.1f} ({before[-1][2]})" if before else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    # The newest checkpoint of each run, every metric: KID x 1000 as mean +- std over subsets;
+    # The newest checkpoint of each run, every metric: KID as mean +- std over subsets (the evaluator's
+    # feature scale: real vs real ~0, noise ~260, README);
     # agreement (the evaluator's class = the requested one) only for class-conditional generators.
     print(f"\n{evaluator} evaluator: every metric at the budget")
-    print("| config | steps | FID | KID x 1000 | precision | recall | classes | agreement (worst class) |")
+    print("| config | steps | FID | KID | precision | recall | classes | agreement (worst class) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in finals.items():
         agreement = f"{r['eval/agreement']:.1%} ({r['eval/agreement_min']:.1%})" if "eval/agreement" in r else "-"
         print(
-            f"| {name} | {r['step']:,} | {r['eval/fid']:.1f} | {1000 * r['eval/kid']:.2f} ± {1000 * r['eval/kid_std']:.2f}"
+            f"| {name} | {r['step']:,} | {r['eval/fid']:.1f} | {r['eval/kid']:.2f} ± {r['eval/kid_std']:.2f}"
             f" | {r['eval/precision']:.3f} | {r['eval/recall']:.3f} | {r['eval/coverage']} | {agreement} |"
         )
 EOF

@@ -68,7 +68,7 @@ def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: 
         for name in RUNS:
             row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
             cells = [c.strip() for c in row.strip("|").split("|")]
-            assert re.fullmatch(r"-?\d+\.\d\d ± \d+\.\d\d", cells[3]), row  # KID x 1000
+            assert re.fullmatch(r"-?\d+\.\d\d ± \d+\.\d\d", cells[3]), row  # KID
             assert all(0 <= float(c) <= 1 for c in cells[4:6]), row  # precision, recall
             conditional = re.fullmatch(r"\d+\.\d% \(\d+\.\d%\)", cells[7])
             assert bool(conditional) == (name == "mnist_conditional"), row
