@@ -53,11 +53,11 @@ class DataConfig:
     num_workers: int = 0  # batches are single index ops on a resident tensor: workers rarely pay off
 
     def __post_init__(self) -> None:
-        registry.lookup("data.dataset").check(self.dataset)
+        spec = registry.lookup("data.dataset")[self.dataset]
         _choice("data.split", self.split, SPLITS)
         _choice("data.fallback", self.fallback, ("bundled", "none"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
-        if self.root == "bundled" and (self.dataset, self.split) != ("mnist", "test"):
+        if self.root == "bundled" and not (spec.bundled and self.split == "test"):  # data.DATASETS says which
             raise ConfigError(
                 f"data.root: 'bundled' holds only the MNIST test split; with it use data.dataset=mnist "
                 f"data.split=test (got {self.dataset} {self.split})"
