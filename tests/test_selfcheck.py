@@ -45,3 +45,16 @@ def test_writes_one_report_with_every_step(tmp_path, mnist_root):
     row = next(line for line in summary.splitlines() if line.startswith("smoke"))
     assert row.split()[:3] == ["smoke", "eager", "no"] and row.split()[-1].endswith("x")
     assert text.rstrip().endswith("**All steps passed.**")
+
+
+def test_deadline_leaves_out_the_benches_and_says_so(tmp_path, mnist_root):
+    # DEADLINE_S=0: the doctor and the (here skipped) GPU tests run, no bench starts, and the report still ends
+    # with the summary section and names every bench it left out.
+    env = dict(CONFIGS="configs/smoke.yaml configs/mnist_mlp.yaml", VARIANTS="eager compile", ALLOW_CPU="1")
+    result, report = run(tmp_path, DATA_ARGS=f"data.root={mnist_root} data.split=test", DEADLINE_S="0", **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = report.read_text()
+    assert "## bench summary" in text and "### smoke, eager: not run (DEADLINE_S=0" in text
+    left_out = text.split("**Not run (deadline):** ")[1].splitlines()[0].split(",")
+    assert left_out == [f"bench {c} {v}" for c in ("smoke", "mnist_mlp") for v in ("eager", "compile")]
+    assert text.rstrip().endswith("**All steps that ran passed.**")
