@@ -26,6 +26,12 @@ POINTS=${POINTS:-10}    # textbook-loop snapshots over the budget
 EVERY=$(( SECONDS_BUDGET / POINTS > 0 ? SECONDS_BUDGET / POINTS : 1 ))
 mkdir -p "$OUT"
 
+# A result is only comparable with others from the same kind of CPU: say which one made it, with the
+# flags that change the speed of this trainer (AVX2/AVX-512 matmuls; native bf16 makes precision=auto bf16).
+cpu_model=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
+cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512_bf16|amx_bf16|amx_tile' | paste -sd ' ' || true)
+echo "machine: ${cpu_model:-unknown CPU}, $(nproc) cores, flags: ${cpu_flags:-none of avx2/avx512f/avx512_bf16/amx}; budget ${SECONDS_BUDGET} s per run"
+
 train() {  # name config checkpoint.every
     # A finished run is not trained again: max_seconds is per session, a resume would add a second budget.
     [ -f "$OUT/$1/BUDGET_DONE" ] && return 0
@@ -83,7 +89,10 @@ for evaluator in ("cnn", "mlp"):
     for name, points in curves.items():
         cells = []
         for m in marks:
-            before = [p for p in points if p[0] is not None and p[0] <= m + 1]
+            # The budget column is each run's last point: the budget stopped the run, within one step of it
+            # (a step, or the set-up on a loaded machine, can end past it). Earlier columns: the newest point
+            # at that time.
+            before = points if m == budget else [p for p in points if p[0] is not None and p[0] <= m + 1]
             cells.append(f"{before[-1][1]:.1f} ({before[-1][2]})" if before else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
     # The newest checkpoint of each run, every metric: KID as mean +- std over subsets (the evaluator's
