@@ -1,0 +1,224 @@
+"""Several machines for real: simulated hosts (network + UTS namespaces on a bridge, `tests/_slurm.py`), each
+with its own hostname, address and slurmd, and the ranks SLURM or `accelerate launch` starts there.
+
+- `sbatch --nodes=2 launch/slurm.sbatch` trains with world size nodes x processes per node, with the per-step
+  losses of one node running the same world size;
+- preemption across nodes (`--signal=B:USR1@N`): one stop step for every rank, one checkpoint, requeue, resume
+  on another pair of nodes (rank 0's node changes), completion, metrics without duplicates;
+- `accelerate launch --num_machines 2` with `launch/accelerate/multi_node.yaml`, one per simulated host.
+
+Root only (CI); skipped, saying why, where namespaces or SLURM cannot start. The smoke model, OMP 1 thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _runs import REPO, SMOKE, base_env, losses_by_step, metric_lines, torchrun, train_cmd
+from _slurm import FINAL, LocalSlurm, SlurmUnavailable, checkpoints, wait
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
+
+NODES = 3  # jobs take 2, so a requeued job can land on another pair
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        slurm = LocalSlurm(cpus=2, nodes=NODES).start()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"a simulated multi-node SLURM cluster cannot start here: {exc}")
+    try:
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+def _job_env(slurm: LocalSlurm, per_node: int, **extra: str) -> dict[str, str]:
+    env = {
+        **slurm.env,
+        "PYTHON": sys.executable,
+        # the jobs run this checkout's gan_ddp, whatever is installed in the interpreter
+        "PYTHONPATH": ":".join(p for p in (str(REPO), slurm.env.get("PYTHONPATH", "")) if p),
+        "CONFIG": str(SMOKE),
+        "GPUS_PER_NODE": str(per_node),  # gloo processes per node under torchrun (no GPU here)
+        "OMP_NUM_THREADS": "1",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _sbatch(slurm: LocalSlurm, env: dict[str, str], log: Path, options: list[str], overrides: list[str]) -> str:
+    cmd = ["sbatch", "--parsable", f"--output={log}", *options, str(REPO / "launch" / "slurm.sbatch"), *overrides]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def _finished(slurm: LocalSlurm, job: str, log: Path, timeout: float = 240) -> dict[str, str]:
+    return wait(
+        "the end of the job", lambda: (lambda j: j if j["JobState"] in FINAL else None)(slurm.job(job)), log, timeout
+    )
+
+
+def _run_overrides(run: Path, *extra: str) -> list[str]:
+    return [*train_cmd(run)[3:], *extra]  # data, run.dir, W&B off (train_cmd without "train --config FILE")
+
+
+def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_path):
+    run, log = tmp_path / "nodes", tmp_path / "job.out"
+    overrides = ["train.steps=20", "log.every=1", "checkpoint.every=10"]
+    job = _sbatch(
+        cluster,
+        _job_env(cluster, per_node=1),
+        log,
+        ["--job-name=gdtest-2x1", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:05:00"],
+        _run_overrides(run, *overrides),
+    )
+    info = _finished(cluster, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    hosts = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+    assert len(hosts) == 2 and set(hosts) <= set(cluster.hosts.names), info["NodeList"]
+    assert "gan-ddp: 2 process(es) on cpu" in text, text[-4000:]
+    assert {m["world_size"] for m in metric_lines(run)} == {2}
+    # one torchrun per node with one process each, world size 2: one rank on each of the two hosts
+    assert f"c10d rendezvous at {hosts[0]}:" in text, text[-4000:]
+
+    # The same world size on one node (torchrun, 2 processes on this machine): the same losses per step.
+    one = torchrun(2, train_cmd(tmp_path / "one", *overrides))
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    a, b = losses_by_step(run), losses_by_step(tmp_path / "one")
+    assert a.keys() == b.keys() and len(a) == 20
+    largest = max(abs(x - y) for step in a for x, y in zip(a[step], b[step], strict=True))
+    print(f"\n2 nodes x 1 process vs 1 node x 2 processes: largest per-step loss/score difference {largest:.3g}")
+    assert largest <= 1e-5, largest
+
+
+def test_preemption_across_nodes_requeues_and_resumes_on_other_nodes(cluster, tmp_path):
+    steps = 600
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    n1, n2, n3 = cluster.hosts.names
+    job = _sbatch(
+        cluster,
+        _job_env(cluster, per_node=1),
+        log,
+        [
+            "--job-name=gdtest-preempt",
+            "--nodes=2",
+            f"--exclude={n3}",  # attempt 1 on n1 + n2
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=00:10:00",
+            "--signal=B:USR1@60",
+        ],
+        _run_overrides(
+            run,
+            "train.epochs=100",
+            f"train.steps={steps}",
+            "log.every=10",
+            "checkpoint.every=50",
+            "checkpoint.keep=100",
+        ),
+    )
+    wait("the first checkpoint", lambda: checkpoints(run), log)
+    first_nodes = cluster.job(job)["NodeList"]
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait("the requeue", lambda: int(cluster.job(job).get("Restarts", 0)) >= 1, log)
+    text = log.read_text()
+    stops = re.findall(r"stop requested by signal: checkpoint at step (\d+), exit 75", text)
+    assert len(set(stops)) == 1, text[-4000:]  # one stop step for every rank on every node
+    at = int(stops[0])
+    assert 0 < at < steps and at in checkpoints(run)
+    # every rank wrote its part of that one checkpoint
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{at:08d}").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    assert f"preempted: requeueing job {job}" in text
+    wait("the requeued job to be pending", lambda: cluster.job(job)["JobState"] == "PENDING", log)
+    # The next allocation gets other nodes: n2 (rank 1's node before) now holds the rendezvous and rank 0.
+    cluster.run("scontrol", "update", f"JobId={job}", f"ExcNodeList={n1}")
+    time.sleep(2.5)  # slurmd revokes the old credential with 1 s granularity (see test_slurm)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+    info = _finished(cluster, job, log, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert info["Restarts"] == "1"
+    second = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+    assert second == [n2, n3], (first_nodes, info["NodeList"])
+    assert f"c10d rendezvous at {n2}:" in text.split("preempted: requeueing")[1]
+    assert f"resumed from {run / 'checkpoints' / f'step_{at:08d}'} (step {at})" in text
+    assert (run / "DONE").read_text().strip() == f"step {steps}"
+    lines = metric_lines(run)
+    assert [m["step"] for m in lines] == list(range(10, steps + 1, 10))  # no duplicate, none missing
+    assert {m["world_size"] for m in lines} == {2}
+
+
+def test_accelerate_launch_on_two_machines(cluster, tmp_path):
+    """The card's first usage: one `accelerate launch` per machine, the YAML in launch/accelerate/, the
+    machine rank and the first machine's address on the command line."""
+    run = tmp_path / "run"
+    port = "29533"
+    procs, logs = [], []
+    env = base_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO))
+    for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    for rank in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / "accelerate" / "multi_node.yaml"),
+            "--num_processes",
+            "2",  # in all: one per machine here
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            cluster.hosts.addrs[0],
+            "--main_process_port",
+            port,
+            "--mixed_precision",
+            "no",
+            "-m",
+            "gan_ddp",
+            *train_cmd(run, "train.steps=10", "log.every=1"),
+        ]
+        logs.append(open(tmp_path / f"machine{rank}.out", "w"))  # noqa: SIM115 - closed below
+        procs.append(
+            subprocess.Popen(
+                cluster.hosts.wrap(rank, cmd), cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT
+            )
+        )
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    out = [(tmp_path / f"machine{r}.out").read_text() for r in range(2)]
+    assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in out)
+    assert "gan-ddp: 2 process(es) on cpu" in out[0]
+    lines = metric_lines(run)
+    assert [m["step"] for m in lines] == list(range(1, 11)) and {m["world_size"] for m in lines} == {2}
+    # the same losses as one machine with two processes
+    one = torchrun(2, train_cmd(tmp_path / "one", "train.steps=10", "log.every=1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = losses_by_step(run), losses_by_step(tmp_path / "one")
+    assert max(abs(x - y) for s in a for x, y in zip(a[s], b[s], strict=True)) <= 1e-5
+    assert json.loads(json.dumps(lines[-1]))["step"] == 10
