@@ -106,14 +106,33 @@ def _remove_hosts(cid: str) -> None:
     (REGISTRY / cid).unlink(missing_ok=True)
 
 
+def _kill_daemons_of(workdir: str) -> None:
+    """SIGKILL the daemons whose command line names `workdir` (slurmctld, munged of a crashed cluster)."""
+    if not workdir.startswith("/tmp/gan-ddp-slurm-"):
+        return
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if workdir in cmdline and int(proc.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def remove_stale_hosts() -> None:
-    """Remove simulated hosts whose owner process has died (a crashed or killed test run)."""
+    """Remove simulated hosts whose owner process has died (a crashed or killed test run): what runs in
+    their namespaces, the namespaces, links, bridge, and the slurmctld and munged beside them."""
     for entry in REGISTRY.glob("*") if REGISTRY.exists() else []:
         try:
-            owner = int(entry.read_text().strip() or 0)
+            owner, _, workdir = entry.read_text().partition("\n")
+            owner = int(owner.strip() or 0)
         except (OSError, ValueError):
-            owner = 0
+            owner, workdir = 0, ""
         if not owner or not _alive(owner):
+            _kill_daemons_of(workdir.strip())
             _remove_hosts(entry.name)
     # Namespaces or links of ours with no registry entry at all (killed between creating and registering).
     listed = {e.name for e in REGISTRY.glob("*")} if REGISTRY.exists() else set()
@@ -159,7 +178,7 @@ class SimulatedHosts:
                 raise SlurmUnavailable(f"simulated hosts need `{tool}`, which is not installed")
         remove_stale_hosts()
         REGISTRY.mkdir(parents=True, exist_ok=True)
-        (REGISTRY / self.id).write_text(str(os.getpid()))
+        (REGISTRY / self.id).write_text(f"{os.getpid()}\n{self.hosts_file.parent}")
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -240,10 +259,10 @@ class LocalSlurm:
     `nodes=0`: one node, this machine. `nodes=N`: N simulated hosts (`slurm.hosts`), node names
     `gdtest-n1` ... `gdtest-nN`, each with `cpus` CPUs."""
 
-    def __init__(self, cpus: int | None = None, nodes: int = 0) -> None:
+    def __init__(self, cpus: int | None = None, nodes: int = 0, slurmd_timeout: int = 300) -> None:
         self.cpus = cpus or os.cpu_count() or 1
         self.nodes = nodes
-        self.slurmd_timeout = 300
+        self.slurmd_timeout = slurmd_timeout
         self.hosts: SimulatedHosts | None = None
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: list = []
@@ -372,6 +391,18 @@ class LocalSlurm:
     def _node_idle(self) -> bool:
         out = self.run("sinfo", "--noheader", "--Node", "--format=%T", check=False).stdout.split()
         return out.count("idle") == max(1, self.nodes)
+
+    def restart_node(self, k: int) -> None:
+        """Bring simulated node k back after `hosts.kill(k)` or `hosts.link(k, False)`: link up, a new slurmd
+        if its own died (ReturnToService=2 lets it rejoin), and wait until SLURM sees every node idle."""
+        assert self.hosts is not None
+        self.hosts.link(k, True)
+        name = self.hosts.names[k]
+        if self.procs[f"slurmd-{name}"].poll() is not None:
+            conf = self.env["SLURM_CONF"]
+            self._spawn(f"slurmd-{name}", self.hosts.wrap(k, [_sbin("slurmd"), "-D", "-N", name, "-f", conf]))
+        self.run("scontrol", "update", f"NodeName={name}", "State=RESUME", check=False)
+        self._wait(self._node_idle, 90, f"{name} did not come back", f"slurmd-{name}.log")
 
     def node_states(self) -> dict[str, str]:
         out = self.run("sinfo", "--noheader", "--Node", "--format=%N %T", check=False).stdout

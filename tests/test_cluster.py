@@ -31,7 +31,8 @@ NODES = 3  # jobs take 2, so a requeued job can land on another pair
 @pytest.fixture(scope="module")
 def cluster():
     try:
-        slurm = LocalSlurm(cpus=2, nodes=NODES).start()
+        # a node whose slurmd stops answering is DOWN after 10 s (default 300): the node-loss tests wait for it
+        slurm = LocalSlurm(cpus=2, nodes=NODES, slurmd_timeout=10).start()
     except SlurmUnavailable as exc:
         pytest.skip(f"a simulated multi-node SLURM cluster cannot start here: {exc}")
     try:
@@ -72,7 +73,8 @@ def _finished(slurm: LocalSlurm, job: str, log: Path, timeout: float = 240) -> d
 
 
 def _run_overrides(run: Path, *extra: str) -> list[str]:
-    return [*train_cmd(run)[3:], *extra]  # data, run.dir, W&B off (train_cmd without "train --config FILE")
+    # data, run.dir, W&B off (train_cmd without "train --config FILE"); one thread per process, as OMP
+    return [*train_cmd(run)[3:], "train.threads=1", *extra]
 
 
 def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_path):
@@ -106,7 +108,7 @@ def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_p
 
 
 def test_preemption_across_nodes_requeues_and_resumes_on_other_nodes(cluster, tmp_path):
-    steps = 600
+    steps = 120
     run, log = tmp_path / "run", tmp_path / "job.out"
     n1, n2, n3 = cluster.hosts.names
     job = _sbatch(
@@ -222,3 +224,104 @@ def test_accelerate_launch_on_two_machines(cluster, tmp_path):
     a, b = losses_by_step(run), losses_by_step(tmp_path / "one")
     assert max(abs(x - y) for s in a for x, y in zip(a[s], b[s], strict=True)) <= 1e-5
     assert json.loads(json.dumps(lines[-1]))["step"] == 10
+
+
+def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resumes(cluster, tmp_path):
+    """Node 2 drops off the network mid-run (its link down). The rank on node 1 stops after
+    train.collective_timeout_s with one line naming the rank and host it lost; SLURM marks the node DOWN, ends the
+    job (NODE_FAIL) and requeues it (--requeue); the next allocation (nodes 1 and 3) resumes from the newest
+    checkpoint and finishes."""
+    timeout, steps = 15, 100
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    n1, n2, n3 = cluster.hosts.names
+    job = _sbatch(
+        cluster,
+        _job_env(cluster, per_node=1),
+        log,
+        ["--job-name=gdtest-lost", "--nodes=2", f"--exclude={n3}", "--gpus-per-node=0", "--cpus-per-task=1"],
+        _run_overrides(
+            run,
+            f"train.steps={steps}",
+            "log.every=5",
+            "log.sample_every=1000",
+            "checkpoint.every=5",
+            "checkpoint.keep=100",
+            f"train.collective_timeout_s={timeout}",
+        ),
+    )
+    try:
+        wait("the first checkpoint", lambda: checkpoints(run), log)
+        cluster.hosts.link(1, up=False)  # n2 is gone for everyone else
+        t0 = time.monotonic()
+        line = wait("the error line", lambda: re.search(r"error: .*", log.read_text()), log, timeout=timeout + 90)
+        waited = time.monotonic() - t0
+        print(f"\nlink of {n2} down -> '{line.group(0)}' after {waited:.1f} s")
+        assert f"timed out after {timeout:g} s (train.collective_timeout_s): rank 1 on {n2} did not answer" in (
+            line.group(0)
+        )
+        assert waited < timeout + 10 + 30  # the timeout, the 10 s the check-in waits, slack for this machine
+        newest = max(checkpoints(run))
+        wait("the requeue", lambda: int(cluster.job(job).get("Restarts", 0)) >= 1, log, timeout=120)
+        wait("the requeued job to be pending", lambda: cluster.job(job)["JobState"] == "PENDING", log)
+        assert cluster.node_states()[n2].startswith("down"), cluster.node_states()
+        # it was submitted with --exclude=n3 (to start on n1 + n2): let it have n3 now
+        cluster.run("scontrol", "update", f"JobId={job}", f"ExcNodeList={n2}")
+        time.sleep(2.5)
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        info = _finished(cluster, job, log, timeout=300)
+    finally:
+        cluster.restart_node(1)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert "lost a node or process: step" in text and f"requeueing job {job}" in text
+    assert cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split() == [n1, n3]
+    assert f"resumed from {run / 'checkpoints' / f'step_{newest:08d}'} (step {newest})" in text
+    assert (run / "DONE").read_text().strip() == f"step {steps}"
+    steps_logged = [m["step"] for m in metric_lines(run)]
+    assert steps_logged == list(range(5, steps + 1, 5))
+    # one line from the trainer (srun and slurmstepd add their own "...: error:" lines): the cut-off rank's
+    # line cannot reach the job log, but its LOST marker reached the shared run.dir, and says what it saw
+    assert len(re.findall(r"^error: ", text, re.M)) == 1, text[-4000:]
+
+
+def test_elastic_torchrun_carries_on_without_a_lost_node(cluster, tmp_path):
+    """NNODES=1:2 MAX_RESTARTS=1 and `sbatch --no-kill`: node 2 dies (every process on it, slurmd included).
+    The rank on node 1 fails with the line naming the node, its torchrun restarts the worker at a new rendezvous
+    of the nodes left, which resumes from the newest checkpoint with the same global batch on one process and
+    finishes, without a new submission."""
+    steps = 60
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    _, n2, n3 = cluster.hosts.names
+    env = _job_env(cluster, per_node=1, NNODES="1:2", MAX_RESTARTS="1", RDZV_CONF="last_call_timeout=3")
+    job = _sbatch(
+        cluster,
+        env,
+        log,
+        ["--job-name=gdtest-elastic", "--nodes=2", f"--exclude={n3}", "--no-kill", "--gpus-per-node=0"],
+        _run_overrides(
+            run,
+            f"train.steps={steps}",
+            "log.every=5",
+            "log.sample_every=1000",
+            "checkpoint.every=5",
+            "checkpoint.keep=100",
+            "train.collective_timeout_s=30",
+        ),
+    )
+    try:
+        wait("the first checkpoint", lambda: checkpoints(run), log)
+        cluster.hosts.kill(1)
+        info = _finished(cluster, job, log, timeout=300)
+    finally:
+        cluster.restart_node(1)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
+    assert info["Restarts"] == "0"  # no requeue: torchrun restarted the workers within the job
+    lost = re.search(r"error: .*", text)
+    assert lost and n2 in lost.group(0), text[-4000:]
+    resumed = re.search(r"resumed from \S+ \(step (\d+)\)", text)
+    assert resumed and "saved by 2 process(es), resuming with 1" in text, text[-4000:]
+    world = {m["step"]: m["world_size"] for m in metric_lines(run)}
+    assert sorted(world) == list(range(5, steps + 1, 5))
+    assert {w for s, w in world.items() if s > int(resumed.group(1))} == {1}
+    assert (run / "DONE").read_text().strip() == f"step {steps}"
