@@ -96,8 +96,11 @@ def collective_failure(exc: BaseException) -> str | None:
     peer = re.search(r"(?:Connection (?:closed|reset) by peer|Read error|Write error)\D*\[([^\]]+)\]:\d+", message)
     if "Connection closed by peer" in message or "Connection reset by peer" in message or peer:
         where = f" at {_host_name(peer.group(1))}" if peer else ""
-        cause = who or f"another process of this run{where} died or its host went away (connection closed by peer)"
-        return f"{cause}; its own output says why; rerun the same command to resume from the newest checkpoint"
+        cause = who or (
+            f"another process of this run{where} died or its host went away (connection closed by peer); "
+            "its own output says why"
+        )
+        return f"{cause}; rerun the same command to resume from the newest checkpoint"
     return None
 
 

@@ -297,7 +297,14 @@ def test_elastic_torchrun_carries_on_without_a_lost_node(cluster, tmp_path):
         cluster,
         env,
         log,
-        ["--job-name=gdtest-elastic", "--nodes=2", f"--exclude={n3}", "--no-kill", "--gpus-per-node=0"],
+        [
+            "--job-name=gdtest-elastic",
+            "--nodes=2",
+            f"--exclude={n3}",
+            "--no-kill",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+        ],
         _run_overrides(
             run,
             f"train.steps={steps}",
