@@ -233,14 +233,26 @@ class SimulatedHosts:
                 subprocess.run([*pre, "qdisc", "del", "dev", dev, "root"], capture_output=True, timeout=30)
                 if rate:
                     cmd = [*pre, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate]
+                    # burst: 1 ms at that rate (a smaller bucket needs more timer wake-ups than a loaded
+                    # 2-core machine gives, and throttles far below the rate)
+                    burst = f"{max(_bits(rate) // 8 // 1000, 16 * 1024)}b"
                     done = subprocess.run(
-                        [*cmd, "burst", "256kbit", "latency", "50ms"], capture_output=True, text=True, timeout=30
+                        [*cmd, "burst", burst, "latency", "50ms"], capture_output=True, text=True, timeout=30
                     )
                     if done.returncode != 0:
                         raise SlurmUnavailable(f"tc tbf on {dev} failed: {done.stderr.strip()}")
 
     def stop(self) -> None:
         _remove_hosts(self.id)
+
+
+def _bits(rate: str) -> int:
+    """ "10gbit" -> 10**10 bits per second (tc's decimal units)."""
+    units = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "bit": 1}
+    for unit, factor in units.items():
+        if rate.lower().endswith(unit):
+            return int(float(rate[: -len(unit)]) * factor)
+    raise ValueError(f"rate {rate!r}: use kbit, mbit or gbit")
 
 
 def _sh_quote(text: str) -> str:
