@@ -4,7 +4,7 @@ with its own hostname, address and slurmd, and the ranks SLURM or `accelerate la
 - `sbatch --nodes=2 launch/slurm.sbatch` trains with world size nodes x processes per node, with the per-step
   losses of one node running the same world size;
 - preemption across nodes (`--signal=B:USR1@N`): one stop step for every rank, one checkpoint, requeue, resume
-  on another pair of nodes (rank 0's node changes), completion, metrics without duplicates;
+  on another pair of nodes (the rendezvous moves), completion, metrics without duplicates;
 - `accelerate launch --num_machines 2` with `launch/accelerate/multi_node.yaml`, one per simulated host.
 
 Root only (CI); skipped, saying why, where namespaces or SLURM cannot start. The smoke model, OMP 1 thread.
@@ -149,7 +149,7 @@ def test_preemption_across_nodes_requeues_and_resumes_on_other_nodes(cluster, tm
     ]
     assert f"preempted: requeueing job {job}" in text
     wait("the requeued job to be pending", lambda: cluster.job(job)["JobState"] == "PENDING", log)
-    # The next allocation gets other nodes: n2 (rank 1's node before) now holds the rendezvous and rank 0.
+    # The next allocation gets other nodes: n2 (rank 1's node before) now holds the rendezvous.
     cluster.run("scontrol", "update", f"JobId={job}", f"ExcNodeList={n1}")
     time.sleep(2.5)  # slurmd revokes the old credential with 1 s granularity (see test_slurm)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
