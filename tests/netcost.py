@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     finally:
         hosts.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.config}: {n:,} parameters (G + D) = {4 * n / 1e6:.1f} MB fp32 all-reduced per iteration\n")
     print("| link | nodes x processes | ms / iteration | images/s (best window) | all-reduce ms / iteration |")
     print("|---|---|---|---|---|")
