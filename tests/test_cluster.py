@@ -78,13 +78,14 @@ def _run_overrides(run: Path, *extra: str) -> list[str]:
 
 
 def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_path):
+    """2 nodes x 2 processes: world size 4, and the per-step losses of 4 processes on one node."""
     run, log = tmp_path / "nodes", tmp_path / "job.out"
     overrides = ["train.steps=20", "log.every=1", "checkpoint.every=10"]
     job = _sbatch(
         cluster,
-        _job_env(cluster, per_node=1),
+        _job_env(cluster, per_node=2),
         log,
-        ["--job-name=gdtest-2x1", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:05:00"],
+        ["--job-name=gdtest-2x2", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:05:00"],
         _run_overrides(run, *overrides),
     )
     info = _finished(cluster, job, log)
@@ -92,18 +93,21 @@ def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_p
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
     hosts = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
     assert len(hosts) == 2 and set(hosts) <= set(cluster.hosts.names), info["NodeList"]
-    assert "gan-ddp: 2 process(es) on cpu" in text, text[-4000:]
-    assert {m["world_size"] for m in metric_lines(run)} == {2}
-    # one torchrun per node with one process each, world size 2: one rank on each of the two hosts
+    assert "gan-ddp: 4 process(es) on cpu" in text, text[-4000:]
+    assert {m["world_size"] for m in metric_lines(run)} == {4}
+    # one torchrun per node with two processes each, world size 4: two ranks on each of the two hosts
     assert f"c10d rendezvous at {hosts[0]}:" in text, text[-4000:]
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000020").glob("random_states_*")) == [
+        f"random_states_{r}.pkl" for r in range(4)
+    ]
 
-    # The same world size on one node (torchrun, 2 processes on this machine): the same losses per step.
-    one = torchrun(2, train_cmd(tmp_path / "one", *overrides))
+    # The same world size on one node (torchrun, 4 processes on this machine): the same losses per step.
+    one = torchrun(4, train_cmd(tmp_path / "one", *overrides))
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     a, b = losses_by_step(run), losses_by_step(tmp_path / "one")
     assert a.keys() == b.keys() and len(a) == 20
     largest = max(abs(x - y) for step in a for x, y in zip(a[step], b[step], strict=True))
-    print(f"\n2 nodes x 1 process vs 1 node x 2 processes: largest per-step loss/score difference {largest:.3g}")
+    print(f"\n2 nodes x 2 processes vs 1 node x 4 processes: largest per-step loss/score difference {largest:.3g}")
     assert largest <= 1e-5, largest
 
 
