@@ -3,11 +3,14 @@ refusing silently non-distributed launches, checking that ranks hold identical w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,3 +209,91 @@ def check_consistency(
             f"DDP consistency check failed{at}: {names[index]} differs between rank 0 and rank {rank}{hint}"
         )
     return len(names)
+
+
+# -- naming a lost process ----------------------------------------------------------------------------------
+# A failed collective says little about whom it waited for (gloo: "Timed out waiting 600000ms for recv").
+# The rendezvous store (torchrun's or Accelerate's TCP store, on the first node) outlives the collective: every
+# process writes its host name there at start; after a failure each one that is still able to checks in and
+# waits briefly for the others, and those that never check in are the lost ones.
+
+
+def _store_key(kind: str, rank: int) -> str:
+    # an elastic restart is a new round: keys of a failure before it must not count
+    return f"gan_ddp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{rank}"
+
+
+def _default_store():
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store() if dist.is_available() and dist.is_initialized() else None
+    except Exception:  # a torch without the private helper: no names, the plain line stays
+        return None
+
+
+def announce_host(rank: int) -> None:
+    """Write this process's host name to the rendezvous store (all ranks, once, at start)."""
+    import socket
+
+    store = _default_store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_store_key("host", rank), socket.gethostname())
+
+
+def lost_peers(rank: int, world: int, wait_s: float = 10.0) -> str | None:
+    """After a failed collective: which processes did not check in within `wait_s`, with their hosts
+    (e.g. "rank 1 on gdtest-n2 did not answer"), or that this process lost the store itself (its host
+    is the one cut off). None when there is nothing to say (no store, every process answered).
+
+    The store's client blocks without a timeout in some calls (`check` waits in a plain recv): the talk with
+    the store runs in a daemon thread, given `wait_s` plus 5 s."""
+    import socket
+    import threading
+    from datetime import timedelta
+
+    store = _default_store()
+    if store is None or world < 2:
+        return None
+    me = socket.gethostname()
+    found: dict[str, Any] = {}
+
+    def ask() -> None:
+        store.set_timeout(timedelta(seconds=max(1.0, wait_s)))
+        store.set(_store_key("failed", rank), me)
+        missing = [r for r in range(world) if r != rank]
+        deadline = time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.2)
+            missing = [r for r in missing if not store.check([_store_key("failed", r)])]
+        hosts = {}
+        for r in missing:
+            key = _store_key("host", r)
+            hosts[r] = store.get(key).decode() if store.check([key]) else "?"
+        found["hosts"] = hosts
+
+    thread = threading.Thread(target=_run, args=(ask, found), daemon=True)
+    thread.start()
+    thread.join(wait_s + 5)
+    if "hosts" not in found:
+        where = os.environ.get("MASTER_ADDR", "the first node")
+        return (
+            f"this process (rank {rank} on {me}) cannot reach the rendezvous store at {where} either: "
+            "this host lost the network, or the first node is gone"
+        )
+    if not found["hosts"]:
+        return None
+    by_host: dict[str, list[int]] = {}
+    for r, host in found["hosts"].items():
+        by_host.setdefault(host, []).append(r)
+    parts = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} on {host}" for host, rs in by_host.items()]
+    return f"{'; '.join(parts)} did not answer within {wait_s:g} s (lost host, network or process)"
+
+
+def _run(fn: Callable[[], None], found: dict[str, Any]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # the store is unreachable too: the caller says so
+        found["error"] = exc

@@ -81,20 +81,37 @@ def _disk_full(path: Path) -> bool:
 def collective_failure(exc: BaseException) -> str | None:
     """One line for a collective that failed because another process stalled or died (gloo's messages)."""
     message = str(exc)
+    # set by the trainer (distributed.lost_peers): who did not answer, or that this host is the one cut off
+    who = getattr(exc, "lost_peers", None)
     waited = re.search(r"Timed out waiting (\d+)ms", message)
     if waited or (type(exc).__name__ == "DistBackendError" and "timed out" in message.lower()):
         seconds = f" {int(waited.group(1)) / 1000:g} s" if waited else ""
-        return (
-            f"a collective operation timed out after{seconds} (train.collective_timeout_s): another process of "
-            "this run stalled (stopped, swapping, stuck on I/O) or hangs; nothing was written after the newest "
-            "checkpoint: rerun the same command to resume from it"
+        cause = who or (
+            "another process of this run stalled (stopped, swapping, stuck on I/O), hangs, or its host was lost"
         )
-    if "Connection closed by peer" in message or "Connection reset by peer" in message:
         return (
-            "another process of this run died (connection closed by peer); its own output says why; rerun the "
-            "same command to resume from the newest checkpoint"
+            f"a collective operation timed out after{seconds} (train.collective_timeout_s): {cause}; nothing was "
+            "written after the newest checkpoint: rerun the same command to resume from it"
         )
+    peer = re.search(r"(?:Connection (?:closed|reset) by peer|Read error|Write error)\D*\[([^\]]+)\]:\d+", message)
+    if "Connection closed by peer" in message or "Connection reset by peer" in message or peer:
+        where = f" at {_host_name(peer.group(1))}" if peer else ""
+        cause = who or (
+            f"another process of this run{where} died or its host went away (connection closed by peer); "
+            "its own output says why"
+        )
+        return f"{cause}; rerun the same command to resume from the newest checkpoint"
     return None
+
+
+def _host_name(address: str) -> str:
+    """ "10.0.0.2" -> "node2 (10.0.0.2)" where the address has a name (/etc/hosts, DNS), else the address."""
+    import socket
+
+    try:
+        return f"{socket.gethostbyaddr(address)[0]} ({address})"
+    except OSError:
+        return address
 
 
 def describe(exc: BaseException) -> tuple[int, str] | None:

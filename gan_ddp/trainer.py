@@ -22,18 +22,20 @@ from typing import Any
 import torch
 
 from gan_ddp import checkpoint as ckpt
-from gan_ddp import compat, guard, runlock
+from gan_ddp import compat, faults, guard, runlock
 from gan_ddp.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL, DiffAugment
 from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.console import TrainingConsole
 from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
 from gan_ddp.distributed import (
+    announce_host,
     average_buffers,
     check_consistency,
     check_distributed,
     choose_precision,
     cpu_has_native_bf16,
     local_world_size,
+    lost_peers,
     make_accelerator,
     want_cpu,
 )
@@ -53,6 +55,9 @@ PREEMPTED_MARKER = "PREEMPTED"
 # Written by the main process when the run has reached its last step (removed when a run starts), so a job
 # script that got a signal while training was already over does not requeue it (launch/slurm.sbatch).
 DONE_MARKER = "DONE"
+# Written by every process whose collective failed because another process or its host was lost (the error
+# line inside): torchrun reports any failure as 1, so job scripts read this to requeue (launch/slurm.sbatch).
+LOST_MARKER = "LOST"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C stops like a preemption
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
 # A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again
@@ -114,6 +119,8 @@ class Trainer:
         check_distributed(acc.num_processes)
         self.world = acc.num_processes
         self.rank = acc.process_index
+        if self.world > 1:  # for the error line that names a lost process (distributed.lost_peers)
+            announce_host(self.rank)
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.console = TrainingConsole(enabled=self.is_main)
@@ -635,6 +642,7 @@ class Trainer:
             ckpt.clean_temporaries(self.ckpt_root)
             (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
             (self.run_dir / DONE_MARKER).unlink(missing_ok=True)
+            (self.run_dir / LOST_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         self.resume()
         if self.is_main:
@@ -688,6 +696,11 @@ class Trainer:
                     (self.run_dir / DONE_MARKER).write_text(f"step {self.step}\n")
                 self._finish_artifacts()
         except BaseException as exc:
+            if self.world > 1 and faults.collective_failure(exc) is not None:
+                # before the process group goes: ask the store who is still there (the error line names them)
+                exc.lost_peers = lost_peers(self.rank, self.world, min(10.0, cfg.train.collective_timeout_s))
+                with contextlib.suppress(OSError):  # rank 0 may be the lost one: whoever is left writes it
+                    (self.run_dir / LOST_MARKER).write_text(f"step {self.step}: {faults.collective_failure(exc)}\n")
             # W&B and the process group are closed on errors too: an unfinished W&B run can hang the exit.
             self.console.stop()
             self.tracker.finish(1)

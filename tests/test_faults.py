@@ -524,6 +524,17 @@ def test_collective_failure_lines():
     assert faults.describe(RuntimeError("something else")) is None
 
 
+def test_collective_failure_names_the_lost_process_or_host():
+    timed_out = RuntimeError(
+        "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms for recv operation"
+    )
+    timed_out.lost_peers = "rank 1 on node2 did not answer within 10 s (lost host, network or process)"
+    line = faults.collective_failure(timed_out)
+    assert "timed out after 15 s (train.collective_timeout_s): rank 1 on node2 did not answer" in line
+    closed = RuntimeError("[pair.cc:598] Connection closed by peer [127.0.0.1]:35222")
+    assert "another process of this run at localhost (127.0.0.1) died" in faults.collective_failure(closed)
+
+
 def test_metrics_lines_are_strict_json():
     from gan_ddp.guard import nonfinite_metric, strict_json
 

@@ -14,16 +14,16 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from _runs import REPO, SMOKE
-from _slurm import LocalSlurm, SlurmUnavailable
+from _slurm import FINAL, LocalSlurm, SlurmUnavailable
+from _slurm import checkpoints as _checkpoints
+from _slurm import wait as _wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 600  # smoke-model steps: attempt 1 is stopped early, attempt 2 trains the rest (~20 s on 2 cores)
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +34,6 @@ def slurm():
         pytest.skip(f"a local SLURM cluster cannot start here: {exc}")
     yield cluster
     cluster.stop()
-
-
-def _wait(what: str, ready, log: Path, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ready()
-        if value:
-            return value
-        time.sleep(0.1)
-    text = log.read_text(errors="replace") if log.exists() else "(no job log)"
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n--- job log ---\n{text[-6000:]}", pytrace=False)
-
-
-def _checkpoints(run: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
 
 
 def test_sbatch_preempts_requeues_resumes_and_does_not_requeue_a_finished_run(slurm, tmp_path, mnist_root):
