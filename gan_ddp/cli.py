@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this machine can do: torch/CUDA/cuDNN, the build's GPU architectures, every GPU, "
         "precision, NCCL, launch command (exit 2 when a GPU cannot be used)",
     )
+    ex = sub.add_parser(
+        "export", help="write a run's generator as a Hugging Face Hub folder (safetensors, config.json, model card)"
+    )
+    ex.add_argument("--run", required=True, type=Path, help="run directory")
+    ex.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw generator instead of its EMA")
+    ex.add_argument("--out", required=True, type=Path, help="new (or empty) folder to write")
     _add_eval_parsers(sub)
     _add_bench_parser(sub)
     _add_textbook_parser(sub)
@@ -279,6 +286,14 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gan_ddp.export import export_run
+
+    checkpoint = export_run(args.run, args.out, args.checkpoint, use_ema=not args.no_ema)
+    print(f"wrote {args.out} from {checkpoint}: load it with from_pretrained({str(args.out)!r}), see its README.md")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gan_ddp.evaluate import run_eval
 
@@ -315,6 +330,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "animate": cmd_animate,
     "interpolate": cmd_interpolate,
+    "export": cmd_export,
     "eval": cmd_eval,
     "train-evaluator": cmd_train_evaluator,
     "bench": cmd_bench,
