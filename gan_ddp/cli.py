@@ -185,9 +185,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main_process_warnings_only()  # before Accelerate and the trainer are imported: they warn too
     from gan_ddp.config import load_config
+    from gan_ddp.tracking import check_installed
     from gan_ddp.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    check_installed(cfg.log.trackers)  # before any process starts working: one line naming the package
     return Trainer(cfg).train()
 
 
