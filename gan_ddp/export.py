@@ -60,10 +60,10 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None, use_ema
     if out.is_dir() and any(out.iterdir()):
         raise ExportError(f"--out {out}: the folder is not empty; name a new folder (nothing is overwritten)")
     G, cfg, ckpt_dir = load_generator_from_run(Path(run_dir), checkpoint, use_ema=use_ema)
-    step = _checkpoint_step(ckpt_dir)
+    step = checkpoint_step(ckpt_dir)
     facts = read_run_facts(Path(run_dir))
     ema = use_ema and cfg.ema.enabled
-    metrics = _run_metrics(Path(run_dir), step)
+    metrics = run_metrics(Path(run_dir), step)
     meta = {
         "step": step,
         "weights": "ema" if ema else "raw",
@@ -85,7 +85,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None, use_ema
     return ckpt_dir
 
 
-def _checkpoint_step(ckpt_dir: Path) -> int | None:
+def checkpoint_step(ckpt_dir: Path) -> int | None:
     from gan_ddp import checkpoint as ckpt
 
     try:
@@ -94,7 +94,7 @@ def _checkpoint_step(ckpt_dir: Path) -> int | None:
         return None
 
 
-def _run_metrics(run_dir: Path, step: int | None) -> dict[str, Any]:
+def run_metrics(run_dir: Path, step: int | None) -> dict[str, Any]:
     """The newest evaluation line of metrics.jsonl at or before `step` (eval.every during training): {} if none."""
     from gan_ddp.viz import read_metrics
 
