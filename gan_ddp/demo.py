@@ -78,7 +78,9 @@ def _facts(arch: str, G: nn.Module, step: int | None, metrics: dict, data: dict 
     else:
         facts["FID"] = "not measured during training (eval.every)"
     if data:
-        facts["data"] = f"{data.get('dataset', '?')} {data.get('split', '?')} split, {data.get('images', '?')} images"
+        images = data.get("images")
+        count = f"{images:,}" if isinstance(images, int) else "?"
+        facts["data"] = f"{data.get('dataset', '?')} {data.get('split', '?')} split, {count} images"
     return facts
 
 

@@ -145,6 +145,7 @@ def _image(page, elem_id: str, previous: str | None) -> tuple[Image.Image, str]:
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_the_page_in_a_real_browser(cond_run, tmp_path) -> None:
     playwright_api = pytest.importorskip("playwright.sync_api")  # the dev extra: missing is a broken install
     from _browser import BrowserUnavailable, launch
