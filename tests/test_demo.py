@@ -25,7 +25,6 @@ from PIL import Image, ImageChops
 
 from gan_ddp import demo
 
-pytest.importorskip("gradio")
 CONDITIONAL = ("model.conditional=true", "train.steps=12", "checkpoint.every=12")
 START_TIMEOUT_S = 240  # importing gradio and starting its server takes ~30 s on 2 busy cores
 
@@ -64,6 +63,17 @@ def test_an_exported_model_serves_its_one_generator(cond_run, tmp_path) -> None:
     model = demo.from_export(folder)
     assert list(model.generators) == ["EMA"] and model.conditional
     assert _same(demo.sample_grid(model, 5, 9, "2"), demo.sample_grid(demo.from_run(cond_run), 5, 9, "2", "EMA"))
+
+
+def test_without_gradio_the_demo_names_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    with pytest.raises(
+        demo.DemoError, match=r"demo needs gradio, which is not installed: pip install 'gan-ddp\[demo\]'"
+    ):
+        demo.check_gradio()
 
 
 def test_bad_sources_are_one_line(tmp_path, cond_run) -> None:
@@ -147,12 +157,12 @@ def _image(page, elem_id: str, previous: str | None) -> tuple[Image.Image, str]:
 @pytest.mark.browser
 @pytest.mark.slow
 def test_the_page_in_a_real_browser(cond_run, tmp_path) -> None:
-    playwright_api = pytest.importorskip("playwright.sync_api")  # the dev extra: missing is a broken install
     from _browser import BrowserUnavailable, launch
+    from playwright.sync_api import sync_playwright  # the dev extra: missing is a broken install, not a skip
 
     server = Server("--run", str(cond_run))
     try:
-        with playwright_api.sync_playwright() as p:
+        with sync_playwright() as p:
             try:
                 browser = launch(p)
             except BrowserUnavailable as exc:

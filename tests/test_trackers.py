@@ -16,8 +16,6 @@ from gan_ddp import cli
 from gan_ddp.config import ConfigError, LogConfig
 from gan_ddp.tracking import MLFLOW_RUN_ID_FILE, TRACKERS, TrackerKind, flat_params
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
 BOTH = "log.trackers=[tensorboard,mlflow]"
 GRID = (4 * 30 + 2, 4 * 30 + 2)  # the smoke config's 16-sample grid: 4 x 4 images of 28 px, 2 px padding
 
