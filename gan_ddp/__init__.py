@@ -8,4 +8,4 @@ _compat.install_shims()  # before any Accelerate state exists (old torch, see co
 
 # The modules that declare the config's choices (gan_ddp.registry): imported here so that every registry is
 # complete before any config is validated, whichever module a caller imports first.
-from gan_ddp import augment, data, evaluator, losses, models  # noqa: E402, F401
+from gan_ddp import augment, data, evaluator, losses, models, tracking  # noqa: E402, F401

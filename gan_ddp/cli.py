@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this machine can do: torch/CUDA/cuDNN, the build's GPU architectures, every GPU, "
         "precision, NCCL, launch command (exit 2 when a GPU cannot be used)",
     )
+    ex = sub.add_parser(
+        "export", help="write a run's generator as a Hugging Face Hub folder (safetensors, config.json, model card)"
+    )
+    ex.add_argument("--run", required=True, type=Path, help="run directory")
+    ex.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: newest complete one)")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw generator instead of its EMA")
+    ex.add_argument("--out", required=True, type=Path, help="new (or empty) folder to write")
+    dm = sub.add_parser("demo", help="a local web page (Gradio) for a run's or an exported generator")
+    src = dm.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run directory (EMA and raw generator of a checkpoint)")
+    src.add_argument("--model", type=Path, help="folder written by `gan-ddp export`")
+    dm.add_argument("--checkpoint", type=Path, help="with --run: checkpoint directory (default: newest complete one)")
+    dm.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dm.add_argument("--port", type=int, default=7860)
     _add_eval_parsers(sub)
     _add_bench_parser(sub)
     _add_textbook_parser(sub)
@@ -178,9 +192,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     main_process_warnings_only()  # before Accelerate and the trainer are imported: they warn too
     from gan_ddp.config import load_config
+    from gan_ddp.tracking import check_installed
     from gan_ddp.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    check_installed(cfg.log.trackers)  # before any process starts working: one line naming the package
     return Trainer(cfg).train()
 
 
@@ -279,6 +295,27 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gan_ddp.export import export_run
+
+    checkpoint = export_run(args.run, args.out, args.checkpoint, use_ema=not args.no_ema)
+    print(f"wrote {args.out} from {checkpoint}: load it with from_pretrained({str(args.out)!r}), see its README.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gan_ddp import demo
+
+    if args.checkpoint and args.model:
+        raise UsageError("--checkpoint goes with --run, not --model (an exported folder holds one generator)")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    demo.check_gradio()
+    model = demo.from_run(args.run, args.checkpoint) if args.run else demo.from_export(args.model)
+    demo.serve(model, args.host, args.port)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gan_ddp.evaluate import run_eval
 
@@ -315,6 +352,8 @@ COMMANDS = {
     "plot": cmd_plot,
     "animate": cmd_animate,
     "interpolate": cmd_interpolate,
+    "export": cmd_export,
+    "demo": cmd_demo,
     "eval": cmd_eval,
     "train-evaluator": cmd_train_evaluator,
     "bench": cmd_bench,

@@ -187,7 +187,9 @@ class LogConfig:
     every: int = 50  # steps between metrics lines
     sample_every: int = 500  # steps between fixed-noise grids
     n_samples: int = 64  # images in each grid
-    wandb: str = "auto"  # auto | online | offline | disabled
+    # Where metrics, grids and plots go besides metrics.jsonl: tracking.TRACKERS (wandb, tensorboard, mlflow).
+    trackers: list[str] = field(default_factory=lambda: ["wandb"])
+    wandb: str = "auto"  # auto | online | offline | disabled (with "wandb" in log.trackers)
     project: str = "gan-ddp"
     entity: str | None = None
     name: str | None = None
@@ -199,6 +201,11 @@ class LogConfig:
         _positive("log.sample_every", self.sample_every)
         _positive("log.n_samples", self.n_samples)
         _choice("log.wandb", self.wandb, WANDB_MODES)
+        known = registry.lookup("log.trackers")
+        for name in self.trackers:
+            known.check(name)
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"log.trackers: {list(self.trackers)} names a tracker twice")
 
 
 @dataclass

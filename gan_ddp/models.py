@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from gan_ddp.registry import Registry
@@ -78,9 +79,41 @@ class ConditionalBatchNorm(nn.Module):
         return h * _embed(self.gain, y).view(shape) + _embed(self.bias, y).view(shape)
 
 
+# ------------------------------------------------------------------- Hub format
+class HubGenerator(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="gan-ddp",
+    license="mit",
+    pipeline_tag="unconditional-image-generation",
+    tags=["gan", "mnist", "gan-ddp"],
+):
+    """A generator in the Hugging Face Hub format (huggingface_hub's `PyTorchModelHubMixin`): `save_pretrained(DIR)`
+    writes `model.safetensors` and `config.json` (the `__init__` arguments, recorded by the mixin whenever the
+    class is built), `from_pretrained(DIR or "user/repo")` builds the class from that config and loads the weights
+    in eval mode, `push_to_hub` uploads. `gan-ddp export` adds `arch` and the run's facts to `config.json`.
+
+    Unlike the mixin's default, loading is strict: a missing or unexpected tensor is an error, never a silently
+    random layer; and a folder holding another architecture's generator is refused by name."""
+
+    arch: str = ""  # the `model.arch` this class implements; config.json's "arch"
+
+    @classmethod
+    def _from_pretrained(cls, *, config: dict | None = None, strict: bool = True, **kwargs: Any):  # type: ignore[override]
+        arch = (config or {}).get("arch")
+        if arch not in (None, cls.arch):
+            raise ValueError(
+                f"{kwargs.get('model_id')}: config.json says arch {arch!r}; load it with "
+                f"{ARCHS[arch].generator.__name__ if arch in ARCHS else 'the class for that arch'}.from_pretrained"
+            )
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+
 # --------------------------------------------------------------------------- MLP
-class MLPGenerator(nn.Module):
+class MLPGenerator(HubGenerator):
     """The classic tutorial MLP generator: z -> hidden (LeakyReLU) -> 784 -> Tanh."""
+
+    arch = "mlp"
 
     def __init__(self, z_dim: int, hidden: list[int], leaky_slope: float = 0.2, conditional: bool = False) -> None:
         super().__init__()
@@ -136,8 +169,10 @@ class MLPDiscriminator(nn.Module):
 
 
 # ------------------------------------------------------------------------- DCGAN
-class DCGANGenerator(nn.Module):
+class DCGANGenerator(HubGenerator):
     """Project-and-reshape to 7x7, then two stride-2 transposed convs: 7 -> 14 -> 28."""
+
+    arch = "dcgan"
 
     def __init__(self, z_dim: int, channels: int = 128, conditional: bool = False) -> None:
         super().__init__()
@@ -280,6 +315,7 @@ class Arch:
 
     build: Callable[[ModelConfig, bool], tuple[nn.Module, nn.Module]]  # (config, conditional) -> (G, D)
     options: tuple[str, ...]  # the shape-setting keys this arch reads, beyond z_dim
+    generator: type[HubGenerator]  # its G class: `from_pretrained` loads an exported folder of this arch
 
 
 ARCHS: Registry[Arch] = Registry("model.arch")
@@ -299,8 +335,10 @@ def _build_dcgan(cfg: ModelConfig, conditional: bool) -> tuple[nn.Module, nn.Mod
     return gen, disc
 
 
-ARCHS.add("mlp", Arch(build=_build_mlp, options=("g_hidden", "d_hidden")))
-ARCHS.add("dcgan", Arch(build=_build_dcgan, options=("g_channels", "d_channels", "d_batchnorm")))
+ARCHS.add("mlp", Arch(build=_build_mlp, options=("g_hidden", "d_hidden"), generator=MLPGenerator))
+ARCHS.add(
+    "dcgan", Arch(build=_build_dcgan, options=("g_channels", "d_channels", "d_batchnorm"), generator=DCGANGenerator)
+)
 
 
 # ------------------------------------------------------------------------ public

@@ -25,6 +25,12 @@ def read_run_config(run_dir: Path) -> Config:
     return config_from_dict(_read_yaml(Path(run_dir) / CONFIG_FILE))
 
 
+def read_run_facts(run_dir: Path) -> dict[str, Any]:
+    """What the run decided and read, as `config.yaml` records it under `resolved` (the data's source, split,
+    number of images and sha256, precision, world size, torch version); {} for a run written before it."""
+    return dict(_read_yaml(Path(run_dir) / CONFIG_FILE).get("resolved") or {})
+
+
 def load_generator_from_run(
     run_dir: Path, checkpoint: Path | None = None, use_ema: bool = True
 ) -> tuple[nn.Module, Config, Path]:

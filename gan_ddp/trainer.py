@@ -45,7 +45,7 @@ from gan_ddp.fsutil import atomic_write
 from gan_ddp.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
 from gan_ddp.metrics import MetricWindow
 from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
-from gan_ddp.tracking import Tracker
+from gan_ddp.tracking import Trackers, open_trackers
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again (launch/slurm.sbatch requeues)
@@ -222,7 +222,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.stop = StopRequest(announce=self.is_main)
         self.consistency_checks = 0
-        self.tracker = Tracker("disabled", "", None, None, None, [], self.run_dir, {}, enabled=False)  # train() sets it
+        self.tracker = Trackers([])  # train() opens log.trackers
         self.save_seconds = 1.0  # estimate of a checkpoint's duration, for the max_seconds budget
         self.time_before = 0.0  # seconds of earlier sessions of this run (restored on resume)
         self.lr_scale = 1.0  # train.on_nonfinite=rollback: product of the rollbacks' lr factors (checkpointed)
@@ -663,17 +663,13 @@ class Trainer:
         started = self.created
         exit_code, reason = EXIT_OK, "done"
         log = cfg.log
-        self.tracker = Tracker(
-            mode=log.wandb,
-            project=log.project,
-            entity=log.entity,
-            name=log.name,
-            group=log.group,
-            tags=list(log.tags),
-            run_dir=self.run_dir,
+        self.tracker = open_trackers(
+            log,
+            self.run_dir,
             config={**cfg.to_dict(), "resolved": self.run_facts()},
             enabled=self.is_main,
             warn=self.console.print,
+            start_step=self.step,
         )
         self.console.start(self.total_steps, self.step)
         try:
