@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from gan_ddp import registry
 from gan_ddp.errors import ConfigError, one_line
-from gan_ddp.fidelity import MIN_SAMPLES
+from gan_ddp.evaluation.fidelity import MIN_SAMPLES
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -35,7 +35,7 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
 
 
 SPLITS = ("train", "test", "all")  # "all" is train then test
-# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.tracking).
+# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.runtime.tracking).
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 

@@ -184,7 +184,7 @@ def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, r
 
 def test_eval_scores_the_file_sample_writes(trained: Run, run_cli, mnist_root: Path, tmp_path: Path) -> None:
     """`gan-ddp sample --out x.npz` then `gan-ddp eval --samples x.npz`, both through the command line."""
-    from gan_ddp.evaluator import RealData, load_or_train_evaluator
+    from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
 
     cache = tmp_path / "cache"  # a one-epoch evaluator, so the CLI finds it cached instead of training one
     load_or_train_evaluator(RealData.load("mnist", mnist_root, "test"), cache, epochs=1, log=None)
@@ -320,7 +320,7 @@ def test_subcommand_help_and_missing_command(run_cli) -> None:
 def test_argument_errors_are_usage_errors_and_other_value_errors_are_bugs(capsys, monkeypatch) -> None:
     """The command line knows a user's mistake by its class (GanDdpError), not by `ValueError`: one line and
     exit 2 for a bad argument; a ValueError from a bug in the package is not dressed up as the user's fault."""
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     assert cli.main(["eval", "--samples", "x.npz", "--n", "3"]) == 2
     err = capsys.readouterr().err

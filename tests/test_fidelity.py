@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_ddp import fidelity
+from gan_ddp.evaluation import fidelity
 
 
 def gaussian(n: int, seed: int, shift: float = 0.0, dim: int = 16) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 from _runs import REPO as REPO_ROOT
 from omegaconf import OmegaConf
 
-import gan_ddp.evaluator as evr
+import gan_ddp.evaluation.evaluator as evr
 
 pytestmark = pytest.mark.slow
 

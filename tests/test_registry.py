@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from gan_ddp import registry
-from gan_ddp.augment import AUGMENT_OPS
+from gan_ddp.components.augment import AUGMENT_OPS
+from gan_ddp.components.data import DATASETS
+from gan_ddp.components.losses import LOSSES, Loss, d_loss, g_loss
+from gan_ddp.components.models import ARCHS, build_models
 from gan_ddp.config import ConfigError, load_config
-from gan_ddp.data import DATASETS
-from gan_ddp.evaluator import EVALUATORS
-from gan_ddp.losses import LOSSES, Loss, d_loss, g_loss
-from gan_ddp.models import ARCHS, build_models
+from gan_ddp.evaluation.evaluator import EVALUATORS
 
 
 @pytest.mark.parametrize(

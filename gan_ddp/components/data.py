@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gan_ddp.barrier import main_first
 from gan_ddp.config import SPLITS
 from gan_ddp.errors import GanDdpError, one_line
 from gan_ddp.registry import Registry
+from gan_ddp.runtime.barrier import main_first
 
 
 @dataclass(frozen=True)
