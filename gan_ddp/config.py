@@ -20,7 +20,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from gan_ddp import registry
 from gan_ddp.errors import ConfigError, one_line
-from gan_ddp.evaluation.fidelity import MIN_SAMPLES
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -35,6 +34,9 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
 
 
 SPLITS = ("train", "test", "all")  # "all" is train then test
+# Precision and recall (gan_ddp.evaluation.fidelity) give each sample a radius from its k = 3 nearest neighbours,
+# so fewer than 4 samples have none. Declared here, below the evaluation layer; tests check fidelity agrees.
+MIN_EVAL_SAMPLES = 4
 # auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.runtime.tracking).
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -77,7 +79,7 @@ class ModelConfig:
     d_batchnorm: bool = True  # DCGAN discriminator BatchNorm (must be off for wgan-gp)
     # Class-conditional G(z, y) and D(x, y): labels come from the dataset; G gets the label as a one-hot
     # input (MLP) or through class-conditional BatchNorm (DCGAN), D is a projection discriminator. Why these:
-    # gan_ddp/models.py and docs/conditional.md.
+    # gan_ddp/components/models.py and docs/conditional.md.
     conditional: bool = False
 
     def __post_init__(self) -> None:
@@ -223,8 +225,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_none=True)
-        if self.n < MIN_SAMPLES:  # also rejects 0 and negatives
-            raise ConfigError(f"eval.n: {self.n} is not allowed; must be >= {MIN_SAMPLES} (precision and recall)")
+        if self.n < MIN_EVAL_SAMPLES:  # also rejects 0 and negatives
+            raise ConfigError(f"eval.n: {self.n} is not allowed; must be >= {MIN_EVAL_SAMPLES} (precision and recall)")
         _positive("eval.batch", self.batch)
         registry.lookup("eval.evaluator").check(self.evaluator)
 
