@@ -10,7 +10,7 @@ torchvision is only used to download (imported lazily, as it is slow to import);
 the files it leaves behind are read by ``read_idx`` like any others, so there is
 a single loading path to trust.
 
-The official MNIST test split ships inside the package (``gan_ddp/bundled/mnist``,
+The official MNIST test split ships inside the package (``gan_ddp/components/bundled/mnist``,
 checksums verified on every read): ``data.root=bundled`` names it, and a training
 whose download fails falls back to it (``data.fallback``), so the project trains
 and tests on a machine without a network.
