@@ -308,6 +308,40 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
+# What answers at once must not import torch (its import alone takes seconds): checked by what is loaded, not
+# by timing. Each case runs `main(argv)` in a fresh interpreter and reports the exit code and the heavy modules.
+NO_TORCH = """
+import sys
+from gan_ddp.commands.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "accelerate", "numpy", "torchvision", "wandb") if m in sys.modules)
+print("EXIT", code, "HEAVY", ",".join(heavy) or "-", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "said"),
+    [
+        (["--help"], 0, "usage: gan-ddp"),
+        (["--version"], 0, "gan-ddp 0."),
+        (["train", "--help"], 0, "--config"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "trian.steps=5"], 2, "unknown key 'trian'"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "train.steps=abc"], 2, "not a valid integer"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "loss.kind=lsgan"], 2, "choose one of bce, hinge, wgan-gp"),
+    ],
+)
+def test_help_version_and_config_errors_answer_without_torch(argv, code, said) -> None:
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert f"EXIT {code} HEAVY -" in result.stderr, result.stderr[-2000:]
+    assert said in result.stdout + result.stderr
+
+
 def test_subcommand_help_and_missing_command(run_cli) -> None:
     result = run_cli("sample", "--help")
     for option in ("--run", "--checkpoint", "--n", "--out", "--seed", "--no-ema"):

@@ -164,12 +164,14 @@ def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
         evr.load_evaluator(card.with_suffix(".safetensors"))
 
 
-def test_a_new_evaluator_is_one_registration(tmp_path: Path, monkeypatch) -> None:
-    """What adding an evaluator kind takes: one `EVALUATORS` entry; the config, the network, the cache's file
-    names and the card's architecture tag all follow from it."""
+def test_a_new_evaluator_is_a_declaration_and_a_registration(tmp_path: Path, monkeypatch) -> None:
+    """What adding an evaluator kind takes: its name in choices.py and one `EVALUATORS` entry; the config, the
+    network, the cache's file names and the card's architecture tag all follow from them."""
+    from gan_ddp import choices
     from gan_ddp.config import load_config
 
     tiny = evr.EvaluatorKind("mnist-tiny-f16-v1", 16, lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)), "tiny-")
+    monkeypatch.setitem(choices.EVALUATORS._specs, "tiny", None)
     monkeypatch.setitem(evr.EVALUATORS._entries, "tiny", tiny)
     assert load_config(None, ["eval.evaluator=tiny"]).eval.evaluator == "tiny"
     model = evr.MnistEvaluator("tiny")

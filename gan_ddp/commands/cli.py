@@ -1,5 +1,9 @@
 """`gan-ddp` command line. Same entry point under `python -m gan_ddp`, `accelerate launch -m gan_ddp`
-and `torchrun -m gan_ddp`."""
+and `torchrun -m gan_ddp`.
+
+`--help`, `--version` and a bad config answer without importing torch (well under a second): this module and
+what it imports at the top are torch-free (`gan_ddp.choices` declares the config's values), and each command
+imports its layer only when it runs (tests/test_cli.py checks `sys.modules`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand of `gan-ddp`; the modules behind them expose plain functions."""
+    from gan_ddp import __version__
+
     p = argparse.ArgumentParser(prog="gan-ddp", description="Distributed GAN training on MNIST with Accelerate.")
+    p.add_argument("--version", action="version", version=f"gan-ddp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a GAN (resumes the newest checkpoint in run.dir by default)")
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     """The ``eval`` and ``train-evaluator`` subcommands (gan_ddp.evaluation.evaluate)."""
-    from gan_ddp.evaluation.evaluator import DEFAULT_EPOCHS
+    from gan_ddp.config import EVALUATOR_EPOCHS
 
     e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
     what = e.add_mutually_exclusive_group(required=True)
@@ -100,13 +107,13 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-evaluator", help="train (or load) the cached classifier used by `eval`")
     _add_data_args(t, "default: mnist (test split, bundled)")
     _add_evaluator_arg(t)
-    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    t.add_argument("--epochs", type=int, default=EVALUATOR_EPOCHS)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="retrain even if a cached evaluator exists")
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
-    from gan_ddp.components.data import DATASETS
+    from gan_ddp.choices import DATASETS
     from gan_ddp.config import SPLITS
 
     p.add_argument("--dataset", choices=DATASETS.names(), help=default_note)
@@ -116,7 +123,7 @@ def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
 
 
 def _add_evaluator_arg(p: argparse.ArgumentParser) -> None:
-    from gan_ddp.evaluation.evaluator import EVALUATORS
+    from gan_ddp.choices import EVALUATORS
 
     p.add_argument(
         "--evaluator",
@@ -174,13 +181,14 @@ def _positive(name: str, value: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gan_ddp.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # torch-free: a bad config is one line, at once
     from gan_ddp.runtime.distributed import main_process_warnings_only
 
     main_process_warnings_only()  # before Accelerate and the trainer are imported: they warn too
-    from gan_ddp.config import load_config
     from gan_ddp.training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     return Trainer(cfg).train()
 
 

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from gan_ddp.components.data import DataError, data_checksum, find_split_files, load_arrays, normalize, read_idx
 from gan_ddp.components.models import N_CLASSES
+from gan_ddp.config import EVALUATOR_EPOCHS
 from gan_ddp.errors import one_line
 from gan_ddp.registry import Registry
 from gan_ddp.runtime.fsutil import atomic_write
 
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = EVALUATOR_EPOCHS
 HELDOUT_FRACTION = 0.1
 
 

@@ -14,6 +14,10 @@ from torch import nn
 
 from gan_ddp.config import ConfigError
 from gan_ddp.errors import GanDdpError
+from gan_ddp.runtime import compat
+
+# Every Accelerator and process group of gan-ddp is made through this module: old torch's gaps are filled first.
+compat.install_shims()
 
 
 class DistributedSetupError(GanDdpError, RuntimeError):
