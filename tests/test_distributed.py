@@ -27,7 +27,7 @@ def test_auto_precision_by_compute_capability(capability, expected):
 
 
 def test_auto_precision_on_cpu_follows_native_bf16():
-    # bf16 autocast measured 1.37-1.51x faster per step than fp32 on the project's AVX512-BF16 CPUs (README).
+    # bf16 autocast measured 1.37-1.51x faster per step than fp32 on the project's AVX512-BF16 CPUs (docs/speed.md).
     precision, reason = choose_precision("auto", "cpu", cpu_has_bf16=True)
     assert precision == "bf16" and "native bf16" in reason
     assert choose_precision("auto", "cpu", cpu_has_bf16=False)[0] == "no"

@@ -1,4 +1,4 @@
-"""`launch/quality_budget.sh`, the script behind the README's FID-over-time tables, end to end at toy size."""
+"""`launch/quality_budget.sh`, the script behind docs/quality.md's FID-over-time tables, end to end at toy size."""
 
 from __future__ import annotations
 
