@@ -1,9 +1,10 @@
 """The evaluator: a small MNIST classifier whose penultimate features the evaluation metrics are computed in.
 
-Each kind of network is declared once in `EVALUATORS` (the config key ``eval.evaluator``) with the tag its
-cards carry. An evaluator is trained once per dataset (`load_or_train_evaluator`) and cached under
-``$GAN_DDP_CACHE`` or ``~/.cache/gan-ddp`` as safetensors plus a JSON card, keyed by the sha256 of the
-images and labels it was trained on (`RealData`). The metrics themselves live in `gan_ddp.evaluation.eval_metrics`.
+Each kind of network is registered once in `EVALUATORS` (the config key ``eval.evaluator``, whose names
+`gan_ddp/choices.py` declares) with the tag its cards carry. An evaluator is trained once per dataset
+(`load_or_train_evaluator`) and cached under ``$GAN_DDP_CACHE`` or ``~/.cache/gan-ddp`` as safetensors plus a
+JSON card, keyed by the sha256 of the images and labels it was trained on (`RealData`). The metrics themselves
+live in `gan_ddp.evaluation.eval_metrics`.
 """
 
 from __future__ import annotations
