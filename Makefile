@@ -43,9 +43,11 @@ test: install-dev
 test-fast: install-dev
 	$(PY) -m pytest -q -m "not multiprocess and not slow"
 
+# ruff, then the layer contract in pyproject.toml ([tool.importlinter]): no import runs up a layer.
 lint: install-dev
 	$(VENV)/bin/ruff check gan_ddp tests
 	$(VENV)/bin/ruff format --check gan_ddp tests
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install-dev
 	$(VENV)/bin/ruff format gan_ddp tests

@@ -2,10 +2,5 @@
 
 __version__ = "0.1.0"
 
-from gan_ddp import compat as _compat
-
-_compat.install_shims()  # before any Accelerate state exists (old torch, see compat.py)
-
-# The modules that declare the config's choices (gan_ddp.registry): imported here so that every registry is
-# complete before any config is validated, whichever module a caller imports first.
-from gan_ddp import augment, data, evaluator, losses, models, tracking  # noqa: E402, F401
+# Every config key's values, declared (torch-free) before any implementing module registers under them.
+from gan_ddp import choices  # noqa: F401

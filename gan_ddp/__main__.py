@@ -1,5 +1,5 @@
 import sys
 
-from gan_ddp.cli import main
+from gan_ddp.commands.cli import main
 
 sys.exit(main())

@@ -18,9 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from gan_ddp import registry
+from gan_ddp import choices
 from gan_ddp.errors import ConfigError, one_line
-from gan_ddp.fidelity import MIN_SAMPLES
 from gan_ddp.registry import check_choice as _choice
 
 
@@ -35,13 +34,18 @@ def _positive(key: str, value: float | None, allow_none: bool = False, allow_zer
 
 
 SPLITS = ("train", "test", "all")  # "all" is train then test
-# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.tracking).
+# Precision and recall (gan_ddp.evaluation.fidelity) give each sample a radius from its k = 3 nearest neighbours,
+# so fewer than 4 samples have none. Declared here, below the evaluation layer; tests check fidelity agrees.
+MIN_EVAL_SAMPLES = 4
+# `gan-ddp train-evaluator`'s epochs: the recipe of the cached evaluators (gan_ddp.evaluation.evaluator).
+EVALUATOR_EPOCHS = 8
+# auto: WANDB_MODE if set, else online with credentials and offline without (gan_ddp.runtime.tracking).
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # data.DATASETS: mnist | fashion_mnist
+    dataset: str = "mnist"  # choices.DATASETS: mnist | fashion_mnist
     # Folder with the IDX files (flat or torchvision's <root>/MNIST/raw), or the download target;
     # "bundled" names the MNIST test split shipped inside the package (10,000 images, no network needed).
     root: str = "data"
@@ -53,11 +57,11 @@ class DataConfig:
     num_workers: int = 0  # batches are single index ops on a resident tensor: workers rarely pay off
 
     def __post_init__(self) -> None:
-        spec = registry.lookup("data.dataset")[self.dataset]
+        spec = choices.DATASETS[self.dataset]
         _choice("data.split", self.split, SPLITS)
         _choice("data.fallback", self.fallback, ("bundled", "none"))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
-        if self.root == "bundled" and not (spec.bundled and self.split == "test"):  # data.DATASETS says which
+        if self.root == "bundled" and not (spec.bundled and self.split == "test"):  # choices.DATASETS says which
             raise ConfigError(
                 f"data.root: 'bundled' holds only the MNIST test split; with it use data.dataset=mnist "
                 f"data.split=test (got {self.dataset} {self.split})"
@@ -66,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "mlp"  # models.ARCHS: mlp | dcgan
+    arch: str = "mlp"  # choices.ARCHS: mlp | dcgan
     z_dim: int = 100
     g_hidden: list[int] = field(default_factory=lambda: [256, 512, 1024])  # MLP generator widths
     d_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # MLP discriminator widths
@@ -77,11 +81,11 @@ class ModelConfig:
     d_batchnorm: bool = True  # DCGAN discriminator BatchNorm (must be off for wgan-gp)
     # Class-conditional G(z, y) and D(x, y): labels come from the dataset; G gets the label as a one-hot
     # input (MLP) or through class-conditional BatchNorm (DCGAN), D is a projection discriminator. Why these:
-    # gan_ddp/models.py and docs/conditional.md.
+    # gan_ddp/components/models.py and docs/conditional.md.
     conditional: bool = False
 
     def __post_init__(self) -> None:
-        registry.lookup("model.arch").check(self.arch)
+        choices.ARCHS.check(self.arch)
         for key in ("z_dim", "g_channels", "d_channels"):
             _positive(f"model.{key}", getattr(self, key))
         for key in ("g_hidden", "d_hidden"):
@@ -95,12 +99,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "bce"  # losses.LOSSES: bce (non-saturating) | hinge | wgan-gp
+    kind: str = "bce"  # choices.LOSSES: bce (non-saturating) | hinge | wgan-gp
     real_label: float = 1.0  # one-sided label smoothing for bce, e.g. 0.9
     gp_weight: float = 10.0  # wgan-gp gradient penalty weight
 
     def __post_init__(self) -> None:
-        registry.lookup("loss.kind").check(self.kind)
+        choices.LOSSES.check(self.kind)
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"loss.real_label: {self.real_label} is not allowed; must be in (0.5, 1]")
         _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
@@ -201,7 +205,7 @@ class LogConfig:
         _positive("log.sample_every", self.sample_every)
         _positive("log.n_samples", self.n_samples)
         _choice("log.wandb", self.wandb, WANDB_MODES)
-        known = registry.lookup("log.trackers")
+        known = choices.TRACKERS
         for name in self.trackers:
             known.check(name)
         if len(set(self.trackers)) != len(self.trackers):
@@ -230,23 +234,23 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.every", self.every, allow_none=True)
-        if self.n < MIN_SAMPLES:  # also rejects 0 and negatives
-            raise ConfigError(f"eval.n: {self.n} is not allowed; must be >= {MIN_SAMPLES} (precision and recall)")
+        if self.n < MIN_EVAL_SAMPLES:  # also rejects 0 and negatives
+            raise ConfigError(f"eval.n: {self.n} is not allowed; must be >= {MIN_EVAL_SAMPLES} (precision and recall)")
         _positive("eval.batch", self.batch)
-        registry.lookup("eval.evaluator").check(self.evaluator)
+        choices.EVALUATORS.check(self.evaluator)
 
 
 @dataclass
 class AugmentConfig:
     # Differentiable augmentation of everything D sees (DiffAugment, Zhao et al. 2020), real and fake alike,
-    # in the D and the G step: a comma-separated list of ops from augment.AUGMENT_OPS, "" (off) by default.
+    # in the D and the G step: a comma-separated list of ops from choices.AUGMENT_OPS, "" (off) by default.
     #   translation: shift by up to 1/8 of the image (4 px at 28) each way, background filled in;
     #   cutout: blank a random square of half the image side (14 px).
     policy: str = ""
     p: float = 1.0  # probability that each op is applied to each image (DiffAugment itself: always)
 
     def __post_init__(self) -> None:
-        known = registry.lookup("augment.policy")
+        known = choices.AUGMENT_OPS
         unknown = [op for op in self.ops() if op not in known]
         if unknown:
             raise ConfigError(
@@ -281,8 +285,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        loss = registry.lookup("loss.kind")[self.loss.kind]
-        arch = registry.lookup("model.arch")[self.model.arch]
+        loss = choices.LOSSES[self.loss.kind]
+        arch = choices.ARCHS[self.model.arch]
         if loss.per_sample_penalty and "d_batchnorm" in arch.options and self.model.d_batchnorm:
             raise ConfigError(
                 f"model.d_batchnorm: must be false with loss.kind={self.loss.kind} (the penalty is per sample)"

@@ -4,7 +4,7 @@ A `GanDdpError` reaches the command line as one `error: <message>` line and the 
 traceback. Each module defines its own subclass beside the code that raises it (DataError in data.py,
 CheckpointError in checkpoint.py, ...; ConfigError lives here, since the registries below the config raise
 it too); the command line catches the base class, so it needs to know none of them.
-Exit codes are listed in `gan_ddp.faults` and the README.
+Exit codes are listed in `gan_ddp.runtime.faults` and the README.
 """
 
 from __future__ import annotations

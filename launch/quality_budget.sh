@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sample quality per unit of time: the README's "FID over time" table, reproducible on your machine.
+# Sample quality per unit of time: docs/quality.md's "FID over time" table, reproducible on your machine.
 #
 # Trains each shipped config for the same wall-clock budget, one run at a time (runs must not share the
 # CPU), keeping every checkpoint; trains the tutorials' textbook loop (`gan-ddp textbook`) for the same
@@ -96,7 +96,7 @@ for evaluator in ("cnn", "mlp"):
             cells.append(f"{before[-1][1]:.1f} ({before[-1][2]})" if before else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
     # The newest checkpoint of each run, every metric: KID as mean +- std over subsets (the evaluator's
-    # feature scale: real vs real ~0, noise ~260, README);
+    # feature scale: real vs real ~0, noise ~260, docs/quality.md);
     # agreement (the evaluator's class = the requested one) only for class-conditional generators.
     print(f"\n{evaluator} evaluator: every metric at the budget")
     print("| config | steps | FID | KID | precision | recall | classes | agreement (worst class) |")

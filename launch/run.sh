@@ -9,7 +9,7 @@
 #   1           the trainer directly on that GPU (launch/gpu_local.sh)
 #   0           the trainer as ONE process on the CPU, using every core (train.threads defaults to
 #               cores / processes). Several CPU processes only share the same cores and add gloo
-#               all-reduces: measured 0.48-0.61x the speed of one process (README, "Speed"). To run DDP on
+#               all-reduces: measured 0.48-0.61x the speed of one process (docs/speed.md). To run DDP on
 #               CPU anyway (tests, trying the distributed code): launch/cpu_multiproc.sh.
 #
 # GPUs seen: NGPUS if set, else CUDA_VISIBLE_DEVICES (empty hides all), else `nvidia-smi -L`, else

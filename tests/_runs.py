@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from gan_ddp.data import BUNDLED_DIR
+from gan_ddp.components.data import BUNDLED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = BUNDLED_DIR  # the real MNIST t10k split, bundled in the package
@@ -116,7 +116,7 @@ def train_inproc(run_dir: Path, *overrides: str, config: Path = SMOKE) -> int:
     from accelerate.state import AcceleratorState, GradientState
 
     from gan_ddp.config import load_config
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gan_ddp.data import BUNDLED_DIR
+from gan_ddp.components.data import BUNDLED_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = BUNDLED_DIR

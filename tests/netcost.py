@@ -50,7 +50,7 @@ def _probe_script(path: Path) -> None:
 def _n_params(config: str) -> int:
     code = (
         "import sys\nfrom gan_ddp.config import load_config\n"
-        "from gan_ddp.models import build_models, count_parameters\n"
+        "from gan_ddp.components.models import build_models, count_parameters\n"
         "g, d = build_models(load_config(sys.argv[1], []).model)\nprint(count_parameters(g) + count_parameters(d))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, config], capture_output=True, text=True, cwd=REPO, check=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_ddp.augment import BACKGROUND, DiffAugment, cutout, translate
+from gan_ddp.components.augment import BACKGROUND, DiffAugment, cutout, translate
 from gan_ddp.config import AugmentConfig, ConfigError, load_config
 
 

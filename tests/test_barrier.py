@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from gan_ddp.barrier import main_first
+from gan_ddp.runtime.barrier import main_first
 
 
 def _recording_block(events: list[str]):

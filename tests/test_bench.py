@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp import bench, textbook
-from gan_ddp.compat import compile_unsupported
 from gan_ddp.config import load_config
+from gan_ddp.runtime.compat import compile_unsupported
+from gan_ddp.tools import bench, textbook
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -38,7 +38,7 @@ def _isolate_process_state() -> Iterator[None]:
 
 
 def _cli_has_bench() -> bool:
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -49,7 +49,7 @@ def _cli_has_bench() -> bool:
 
 
 def _bench_namespace(argv: list[str]) -> argparse.Namespace:
-    from gan_ddp.cli import build_parser
+    from gan_ddp.commands.cli import build_parser
 
     return build_parser().parse_args(["bench", *argv])
 
@@ -106,10 +106,10 @@ def test_bench_without_baseline_leaves_its_figures_null(
     figures = json.loads(out_json.read_text())
     assert figures["baseline_img_per_s"] is None and figures["speedup"] is None
     # the instrumentation is gone afterwards: the trainer module's normalize is the real one again
-    import gan_ddp.data
-    import gan_ddp.trainer
+    import gan_ddp.components.data
+    import gan_ddp.training.trainer
 
-    assert gan_ddp.trainer.normalize is gan_ddp.data.normalize
+    assert gan_ddp.training.trainer.normalize is gan_ddp.components.data.normalize
 
 
 def test_bench_rejects_bad_counts() -> None:
@@ -121,13 +121,13 @@ def test_textbook_dataset_matches_the_lean_normalisation() -> None:
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     dataset = textbook.TextbookMNIST(images, torch.arange(5), textbook.textbook_transform())
     per_image = torch.stack([dataset[i][0] for i in range(5)])  # (5, 1, 28, 28)
-    from gan_ddp.data import normalize
+    from gan_ddp.components.data import normalize
 
     torch.testing.assert_close(per_image, normalize(images.unsqueeze(1)), atol=1e-6, rtol=0)
 
 
 def _trainer(mnist_root: Path, run_dir: Path, *overrides: str, config: Path = SMOKE):
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     cfg = load_config(
         config,
@@ -214,7 +214,7 @@ def test_bench_under_torchrun_reports_once_for_both_processes(mnist_root: Path, 
     else:  # until the CLI knows `bench`: a two-line script that calls it
         script = tmp_path / "bench_entry.py"
         script.write_text(
-            "import sys\nfrom tests.test_bench import _bench_namespace\nfrom gan_ddp.bench import run_bench\n"
+            "import sys\nfrom tests.test_bench import _bench_namespace\nfrom gan_ddp.tools.bench import run_bench\n"
             "sys.exit(run_bench(_bench_namespace(sys.argv[1:])))\n"
         )
         target = [str(script)]
@@ -234,7 +234,7 @@ def test_textbook_command_writes_scorable_samples_on_a_time_budget(tmp_path: Pat
     training in the `sample` format, and a log line per file."""
     import numpy as np
 
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     out = tmp_path / "tb"
     argv = ["textbook", "--config", str(SMOKE), "--seconds", "1.2", "--every", "0.4", "--n", "30", "--out", str(out)]

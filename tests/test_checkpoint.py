@@ -23,7 +23,7 @@ from _runs import (
     train_inproc,
 )
 
-from gan_ddp import checkpoint as ckpt
+from gan_ddp.runtime import checkpoint as ckpt
 
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
@@ -156,7 +156,7 @@ def test_offline_training_falls_back_records_the_data_and_never_switches(tmp_pat
     other data (the full set downloaded since) is refused with one line naming both."""
     import yaml
 
-    from gan_ddp.data import BUNDLED, data_checksum, load_arrays
+    from gan_ddp.components.data import BUNDLED, data_checksum, load_arrays
 
     run, empty = tmp_path / "run", tmp_path / "data"
     offline = (f"data.root={empty}", "data.split=train", "data.download=true", "train.steps=10")
@@ -208,7 +208,7 @@ def test_below_torch_2_4_pickle_imports_are_vetted_before_anything_loads(tmp_pat
 
     import torch
 
-    from gan_ddp import compat
+    from gan_ddp.runtime import compat
 
     run = tmp_path / "run"
     assert train_inproc(run, "train.steps=10") == 0

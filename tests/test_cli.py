@@ -184,7 +184,7 @@ def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, r
 
 def test_eval_scores_the_file_sample_writes(trained: Run, run_cli, mnist_root: Path, tmp_path: Path) -> None:
     """`gan-ddp sample --out x.npz` then `gan-ddp eval --samples x.npz`, both through the command line."""
-    from gan_ddp.evaluator import RealData, load_or_train_evaluator
+    from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
 
     cache = tmp_path / "cache"  # a one-epoch evaluator, so the CLI finds it cached instead of training one
     load_or_train_evaluator(RealData.load("mnist", mnist_root, "test"), cache, epochs=1, log=None)
@@ -308,6 +308,40 @@ def test_console_script_help() -> None:
         assert command in result.stdout
 
 
+# What answers at once must not import torch (its import alone takes seconds): checked by what is loaded, not
+# by timing. Each case runs `main(argv)` in a fresh interpreter and reports the exit code and the heavy modules.
+NO_TORCH = """
+import sys
+from gan_ddp.commands.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "accelerate", "numpy", "torchvision", "wandb") if m in sys.modules)
+print("EXIT", code, "HEAVY", ",".join(heavy) or "-", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "said"),
+    [
+        (["--help"], 0, "usage: gan-ddp"),
+        (["--version"], 0, "gan-ddp 0."),
+        (["train", "--help"], 0, "--config"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "trian.steps=5"], 2, "unknown key 'trian'"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "train.steps=abc"], 2, "not a valid integer"),
+        (["train", "--config", "configs/mnist_mlp.yaml", "loss.kind=lsgan"], 2, "choose one of bce, hinge, wgan-gp"),
+    ],
+)
+def test_help_version_and_config_errors_answer_without_torch(argv, code, said) -> None:
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert f"EXIT {code} HEAVY -" in result.stderr, result.stderr[-2000:]
+    assert said in result.stdout + result.stderr
+
+
 def test_subcommand_help_and_missing_command(run_cli) -> None:
     result = run_cli("sample", "--help")
     for option in ("--run", "--checkpoint", "--n", "--out", "--seed", "--no-ema"):
@@ -320,7 +354,7 @@ def test_subcommand_help_and_missing_command(run_cli) -> None:
 def test_argument_errors_are_usage_errors_and_other_value_errors_are_bugs(capsys, monkeypatch) -> None:
     """The command line knows a user's mistake by its class (GanDdpError), not by `ValueError`: one line and
     exit 2 for a bad argument; a ValueError from a bug in the package is not dressed up as the user's fault."""
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     assert cli.main(["eval", "--samples", "x.npz", "--n", "3"]) == 2
     err = capsys.readouterr().err

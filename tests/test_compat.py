@@ -1,4 +1,4 @@
-"""gan_ddp.compat: what each supported torch version can do, answered without installing it, and the
+"""gan_ddp.runtime.compat: what each supported torch version can do, answered without installing it, and the
 shim that lets Accelerate set up multi-process CPU runs on torch 2.0 (the K80 stack)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_ddp import compat
+from gan_ddp.runtime import compat
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_arch_flags_are_sm_or_compute_names():
 
 def test_reduce_overhead_is_refused_on_cpu_with_one_line(tmp_path, capsys, mnist_root):
     """CUDA graphs need a GPU: on CPU the lever is refused before training starts (exit 2)."""
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     code = cli.main(
         ["train", "--config", "configs/smoke.yaml", f"data.root={mnist_root}", "data.split=test",
@@ -75,7 +75,7 @@ def test_process_group_teardown_waits_for_gloo_workers_first(monkeypatch) -> Non
     installed by `install_shims` waits (GIL released) first, then destroys, once however often installed."""
     import torch.distributed as dist
 
-    from gan_ddp import compat
+    from gan_ddp.runtime import compat
 
     events: list[str] = []
     monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: events.append(f"destroy {group}"))

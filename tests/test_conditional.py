@@ -22,9 +22,7 @@ from _runs import (
     train_inproc,
 )
 
-from gan_ddp import checkpoint as ckpt
-from gan_ddp.config import ModelConfig
-from gan_ddp.models import (
+from gan_ddp.components.models import (
     N_CLASSES,
     ConditionalBatchNorm,
     balanced_labels,
@@ -33,7 +31,9 @@ from gan_ddp.models import (
     generate,
     model_signature,
 )
-from gan_ddp.trainer import Trainer
+from gan_ddp.config import ModelConfig
+from gan_ddp.runtime import checkpoint as ckpt
+from gan_ddp.training.trainer import Trainer
 
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
@@ -192,8 +192,8 @@ def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> 
 # ------------------------------------------------------------------------------ sample --digit
 @pytest.mark.slow
 def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli) -> None:
-    from gan_ddp.eval_metrics import extract_features
-    from gan_ddp.evaluator import RealData, load_or_train_evaluator
+    from gan_ddp.evaluation.eval_metrics import extract_features
+    from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
 
     run = tmp_path / "run"
     assert train_inproc(run, *SHORT_CONDITIONAL) == 0

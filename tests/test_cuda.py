@@ -63,7 +63,7 @@ def make_trainer(run_dir: Path, *overrides: str):
     from accelerate.state import AcceleratorState, GradientState
 
     from gan_ddp.config import load_config
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -163,7 +163,7 @@ def test_resume_on_gpu_is_bitwise_exact(tmp_path, precision):
 
 def test_reduce_overhead_agrees_with_eager_for_one_step(tmp_path):
     """The launch-overhead lever (CUDA graphs through torch.compile) computes the same step as eager."""
-    from gan_ddp.compat import compile_unsupported
+    from gan_ddp.runtime.compat import compile_unsupported
 
     if compile_unsupported():
         pytest.skip(f"torch.compile unavailable here: {compile_unsupported()}")
@@ -195,7 +195,7 @@ def test_reduce_overhead_trains_and_resumes(tmp_path, precision):
     may be autotuned differently in the second process (another reduction order), and GAN training
     amplifies rounding differences step by step; 1e-3 on weights after 40 steps of Adam at 2e-4 still
     catches a lost optimizer state or a wrong data position, which move weights by far more."""
-    from gan_ddp.compat import compile_unsupported
+    from gan_ddp.runtime.compat import compile_unsupported
 
     if compile_unsupported():
         pytest.skip(f"torch.compile unavailable here: {compile_unsupported()}")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision.datasets
 
-from gan_ddp import data as data_module
-from gan_ddp.data import (
+from gan_ddp.components import data as data_module
+from gan_ddp.components.data import (
     BUNDLED,
     BUNDLED_DIR,
     DataError,
@@ -513,4 +513,9 @@ def test_wheel_carries_the_bundled_split(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("gan_ddp-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in [*BUNDLED_MD5, "README.md"]:
-        assert f"gan_ddp/bundled/mnist/{name}" in names
+        assert f"gan_ddp/components/bundled/mnist/{name}" in names
+    # Every layer's package ships, and the console script points into the command layer.
+    source_files = {p.relative_to(source).as_posix() for p in (source / "gan_ddp").rglob("*.py")}
+    assert source_files <= names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "gan-ddp = gan_ddp.commands.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -75,7 +75,7 @@ def test_consistency_check_names_the_differing_tensor(tmp_path):
         """
         import torch
         from accelerate import Accelerator
-        from gan_ddp.distributed import ConsistencyError, check_consistency
+        from gan_ddp.runtime.distributed import ConsistencyError, check_consistency
         acc = Accelerator(cpu=True)
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
@@ -101,8 +101,8 @@ def test_shards_are_disjoint_cover_the_data_and_reshuffle(tmp_path):
         """
         import json, torch
         from accelerate import Accelerator
-        from gan_ddp.data import ImageTensorDataset
-        from gan_ddp.data import make_train_loader
+        from gan_ddp.components.data import ImageTensorDataset
+        from gan_ddp.components.data import make_train_loader
         acc = Accelerator(cpu=True, rng_types=[])
         n, B = 1003, 100  # 10 global steps per epoch, 3 images left over
         ds = ImageTensorDataset(torch.zeros(n, 28, 28, dtype=torch.uint8), torch.arange(n))  # label = index
@@ -124,7 +124,7 @@ def test_shards_are_disjoint_cover_the_data_and_reshuffle(tmp_path):
     # The one-process order of the same sampler: global step k covers permutation[k*B:(k+1)*B].
     import torch
 
-    from gan_ddp.data import EpochSampler
+    from gan_ddp.components.data import EpochSampler
 
     single = EpochSampler(1003, 100, seed=5)
     orders = []
@@ -226,7 +226,7 @@ def test_guard_refuses_a_launch_that_would_train_alone(tmp_path):
                 finally:
                     os.environ.update(saved)
             accelerate.Accelerator.__init__ = without_cpu
-            from gan_ddp.cli import main
+            from gan_ddp.commands.cli import main
             sys.exit(main(sys.argv[1:]))
             """
         )

@@ -23,7 +23,7 @@ import pytest
 from _runs import REPO, base_env, free_port, single, train_cmd
 from PIL import Image, ImageChops
 
-from gan_ddp import demo
+from gan_ddp.tools import demo
 
 CONDITIONAL = ("model.conditional=true", "train.steps=12", "checkpoint.every=12")
 START_TIMEOUT_S = 240  # importing gradio and starting its server takes ~30 s on 2 busy cores

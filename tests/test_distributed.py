@@ -8,7 +8,7 @@ import torch
 from _runs import MNIST, SMOKE
 
 from gan_ddp.config import ConfigError, load_config
-from gan_ddp.distributed import DistributedSetupError, check_distributed, choose_precision
+from gan_ddp.runtime.distributed import DistributedSetupError, check_distributed, choose_precision
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def test_auto_precision_by_compute_capability(capability, expected):
 
 
 def test_auto_precision_on_cpu_follows_native_bf16():
-    # bf16 autocast measured 1.37-1.51x faster per step than fp32 on the project's AVX512-BF16 CPUs (README).
+    # bf16 autocast measured 1.37-1.51x faster per step than fp32 on the project's AVX512-BF16 CPUs (docs/speed.md).
     precision, reason = choose_precision("auto", "cpu", cpu_has_bf16=True)
     assert precision == "bf16" and "native bf16" in reason
     assert choose_precision("auto", "cpu", cpu_has_bf16=False)[0] == "no"
@@ -57,7 +57,7 @@ def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.state import AcceleratorState, GradientState
 
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -79,7 +79,7 @@ def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
     stand-in scaler backs off at every second D step and never at G steps."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     class BackingOffScaler:  # what GradScaler does to its scale tensor, without CUDA
         def __init__(self, opt_d):
@@ -124,7 +124,7 @@ def test_ddp_options_no_buffer_sync_in_forward_and_no_deprecation_warning(tmp_pa
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from gan_ddp.distributed import ddp_kwargs
+    from gan_ddp.runtime.distributed import ddp_kwargs
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
@@ -139,7 +139,7 @@ def test_ddp_options_no_buffer_sync_in_forward_and_no_deprecation_warning(tmp_pa
 
 
 def test_ddp_options_follow_the_torch_signature():
-    from gan_ddp.distributed import ddp_kwargs
+    from gan_ddp.runtime.distributed import ddp_kwargs
 
     class NewDDP:  # torch >= 2.13
         def __init__(self, module, broadcast_buffers=None, gradient_as_bucket_view=False, forward_sync_buffers=None):
@@ -156,7 +156,7 @@ def test_ddp_options_follow_the_torch_signature():
 def test_warnings_are_silenced_on_every_rank_but_the_first():
     import warnings
 
-    from gan_ddp.distributed import main_process_warnings_only
+    from gan_ddp.runtime.distributed import main_process_warnings_only
 
     for env, silenced in (({}, False), ({"RANK": "0"}, False), ({"RANK": "1"}, True), ({"RANK": "7"}, True)):
         with warnings.catch_warnings(record=True) as caught:

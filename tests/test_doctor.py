@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gan_ddp import doctor
-from gan_ddp.doctor import GPU, K80_STACK_ARCHS, GPUSupportError, Machine, has_kernels
+from gan_ddp.runtime import doctor
+from gan_ddp.runtime.doctor import GPU, K80_STACK_ARCHS, GPUSupportError, Machine, has_kernels
 
 DEFAULT_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130, measured here
 K80 = GPU(0, "Tesla K80", (3, 7), 11.2)
@@ -134,7 +134,8 @@ def test_gather_reads_every_gpu_through_torch(monkeypatch):
 
 
 def test_train_refuses_a_gpu_without_kernels_with_one_line(monkeypatch, tmp_path, capsys):
-    from gan_ddp import cli, trainer
+    from gan_ddp.commands import cli
+    from gan_ddp.training import trainer
 
     def refuse():
         raise GPUSupportError(doctor.kernel_problems(machine(gpus=[K80]))[0])

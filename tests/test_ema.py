@@ -7,7 +7,7 @@ import torch
 from _runs import MNIST, SMOKE
 from torch import nn
 
-from gan_ddp.ema import GeneratorEMA
+from gan_ddp.training.ema import GeneratorEMA
 
 
 def test_update_rule_and_rampup():
@@ -47,7 +47,7 @@ def test_grids_sample_from_the_ema(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
     from gan_ddp.config import load_config
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -24,10 +24,10 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp import eval_metrics as em
-from gan_ddp import evaluate as ev
-from gan_ddp import evaluator as evr
-from gan_ddp.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
+from gan_ddp.components.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
+from gan_ddp.evaluation import eval_metrics as em
+from gan_ddp.evaluation import evaluate as ev
+from gan_ddp.evaluation import evaluator as evr
 
 REAL_MNIST = BUNDLED_DIR  # the real MNIST t10k split shipped in the package
 TEST_EPOCHS = 3  # enough for >= 97% held out; the default (evr.DEFAULT_EPOCHS) is what reaches >= 98.5%
@@ -164,12 +164,14 @@ def test_unknown_evaluator_kind_is_one_clear_error(tmp_path: Path) -> None:
         evr.load_evaluator(card.with_suffix(".safetensors"))
 
 
-def test_a_new_evaluator_is_one_registration(tmp_path: Path, monkeypatch) -> None:
-    """What adding an evaluator kind takes: one `EVALUATORS` entry; the config, the network, the cache's file
-    names and the card's architecture tag all follow from it."""
+def test_a_new_evaluator_is_a_declaration_and_a_registration(tmp_path: Path, monkeypatch) -> None:
+    """What adding an evaluator kind takes: its name in choices.py and one `EVALUATORS` entry; the config, the
+    network, the cache's file names and the card's architecture tag all follow from them."""
+    from gan_ddp import choices
     from gan_ddp.config import load_config
 
     tiny = evr.EvaluatorKind("mnist-tiny-f16-v1", 16, lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 16)), "tiny-")
+    monkeypatch.setitem(choices.EVALUATORS._specs, "tiny", None)
     monkeypatch.setitem(evr.EVALUATORS._entries, "tiny", tiny)
     assert load_config(None, ["eval.evaluator=tiny"]).eval.evaluator == "tiny"
     model = evr.MnistEvaluator("tiny")
@@ -498,9 +500,9 @@ SCRIPT = textwrap.dedent(
     from accelerate import Accelerator
     from torch import nn
 
-    from gan_ddp import eval_metrics as em
-    from gan_ddp import evaluate as ev
-    from gan_ddp import evaluator as evr
+    from gan_ddp.evaluation import eval_metrics as em
+    from gan_ddp.evaluation import evaluate as ev
+    from gan_ddp.evaluation import evaluator as evr
 
     class TinyGenerator(nn.Module):
         def __init__(self, z_dim=8):
@@ -559,7 +561,7 @@ def test_two_processes_score_like_one(trained, cache_dir: Path, stats_a, tmp_pat
 
 # ------------------------------------------------------------------------------ CLI functions
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from gan_ddp.cli import build_parser
+    from gan_ddp.commands.cli import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -595,17 +597,17 @@ def test_cli_functions(trained, cache_dir: Path, mnist, tmp_path: Path, capsys, 
 
 
 def test_run_eval_from_a_run(trained, cache_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import gan_ddp.distributed
-    import gan_ddp.rundir
+    import gan_ddp.components.rundir
+    import gan_ddp.runtime.distributed
 
     cfg = argparse.Namespace(
         data=argparse.Namespace(dataset="mnist", root=str(REAL_MNIST), split="test"),
         model=argparse.Namespace(z_dim=8, conditional=False),
     )
     monkeypatch.setattr(
-        gan_ddp.rundir, "load_generator_from_run", lambda run, ckpt, use_ema: (TinyGenerator(), cfg, run)
+        gan_ddp.components.rundir, "load_generator_from_run", lambda run, ckpt, use_ema: (TinyGenerator(), cfg, run)
     )
-    monkeypatch.setattr(gan_ddp.distributed, "make_accelerator", lambda precision: ThreadAccelerator(0, 1, {}))
+    monkeypatch.setattr(gan_ddp.runtime.distributed, "make_accelerator", lambda precision: ThreadAccelerator(0, 1, {}))
     out = tmp_path / "m.json"
     args = _parse(["eval", "--run", str(tmp_path), "--n", "300", "--cache-dir", str(cache_dir), "--json", str(out)])
     assert ev.run_eval(args) == 0

@@ -13,9 +13,9 @@ import pytest
 import torch
 from _runs import base_env, single, train_cmd
 
-from gan_ddp.export import ExportError, load_exported
-from gan_ddp.models import DCGANGenerator, MLPGenerator, generate
-from gan_ddp.rundir import load_generator_from_run
+from gan_ddp.components.models import DCGANGenerator, MLPGenerator, generate
+from gan_ddp.components.rundir import load_generator_from_run
+from gan_ddp.tools.export import ExportError, load_exported
 
 RUNS = {  # name: (overrides, generator class); smoke-sized, 12 steps each
     "mlp": ((), MLPGenerator),
@@ -50,7 +50,7 @@ def _fresh_process_samples(folder: Path, cls: str, conditional: bool, tmp_path: 
     labels = f"torch.arange({N}) % 10" if conditional else "None"
     script = textwrap.dedent(f"""
         import torch
-        from gan_ddp.models import {cls}, generate
+        from gan_ddp.components.models import {cls}, generate
         G = {cls}.from_pretrained({str(folder)!r})
         assert not G.training
         torch.save(generate(G, {N}, G.z_dim, {SEED}, labels={labels}), {str(out)!r})

@@ -32,10 +32,10 @@ from _runs import (
 )
 from safetensors.torch import load_file, save_file
 
-from gan_ddp import checkpoint as ckpt
-from gan_ddp import faults
 from gan_ddp.config import ConfigError, load_config
-from gan_ddp.trainer import SECOND_INTERRUPT_AFTER_S, StopRequest, Trainer
+from gan_ddp.runtime import checkpoint as ckpt
+from gan_ddp.runtime import faults
+from gan_ddp.training.trainer import SECOND_INTERRUPT_AFTER_S, StopRequest, Trainer
 
 LONG = ("train.epochs=1000", "train.steps=null", "log.every=1")
 
@@ -44,7 +44,7 @@ def cli_inproc(args: list[str], capsys) -> tuple[int, str, str]:
     """`gan-ddp ARGS` in this process (Accelerate's singletons reset first); (exit code, stdout, stderr)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from gan_ddp.cli import main
+    from gan_ddp.commands.cli import main
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
@@ -336,7 +336,7 @@ def test_second_ctrl_c_aborts_but_a_relayed_copy_does_not(monkeypatch):
 
 
 def test_interrupt_is_one_line_exit_130(capsys, monkeypatch):
-    from gan_ddp import cli
+    from gan_ddp.commands import cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -496,7 +496,7 @@ def test_consistency_check_treats_nan_on_every_rank_as_equal(tmp_path):
     script.write_text(
         "import torch\n"
         "from accelerate import Accelerator\n"
-        "from gan_ddp.distributed import ConsistencyError, check_consistency\n"
+        "from gan_ddp.runtime.distributed import ConsistencyError, check_consistency\n"
         "acc = Accelerator(cpu=True)\n"
         "torch.manual_seed(0)\n"
         "net = torch.nn.Linear(3, 2)\n"
@@ -536,7 +536,7 @@ def test_collective_failure_names_the_lost_process_or_host():
 
 
 def test_metrics_lines_are_strict_json():
-    from gan_ddp.guard import nonfinite_metric, strict_json
+    from gan_ddp.runtime.guard import nonfinite_metric, strict_json
 
     metrics = {"step": 5, "loss/d": math.nan, "loss/g": math.inf, "score/real": 0.5, "lr/d": 1e12}
     assert json.dumps(strict_json(metrics), allow_nan=False) == (

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_ddp import fidelity
+from gan_ddp import config
+from gan_ddp.evaluation import fidelity
 
 
 def gaussian(n: int, seed: int, shift: float = 0.0, dim: int = 16) -> torch.Tensor:
@@ -50,3 +51,8 @@ def test_bad_shapes_are_one_clear_error() -> None:
         fidelity.kid(torch.zeros(10, 3), torch.zeros(10, 4))
     with pytest.raises(ValueError, match="at least 4 samples"):
         fidelity.precision_recall(torch.zeros(3, 2), torch.zeros(10, 2))
+
+
+def test_the_config_refuses_what_precision_and_recall_cannot_score() -> None:
+    """config.py sits below the evaluation layer, so it declares the bound itself: the two must agree."""
+    assert config.MIN_EVAL_SAMPLES == fidelity.MIN_SAMPLES == fidelity.PR_NEIGHBOURS + 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gan_ddp.fsutil import atomic_write
+from gan_ddp.runtime.fsutil import atomic_write
 
 
 def test_writes_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:

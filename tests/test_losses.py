@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
 
 LOG2 = math.log(2.0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan_ddp.metrics import FIELDS, MetricWindow
+from gan_ddp.training.metrics import FIELDS, MetricWindow
 
 
 class SumAccelerator:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gan_ddp.models import MaskDropout, build_models, count_parameters, couples_batch, model_signature
+from gan_ddp.components.models import MaskDropout, build_models, count_parameters, couples_batch, model_signature
 
 
 @dataclass
@@ -160,7 +160,7 @@ def test_couples_batch() -> None:
 
 def test_textbook_models_use_torch_dropout() -> None:
     """The bench baseline is the tutorials' model: torch's own nn.Dropout, not the project's mask."""
-    from gan_ddp.textbook import textbook_models
+    from gan_ddp.tools.textbook import textbook_models
 
     _, d = textbook_models(Cfg())
     drops = [m for m in d.modules() if isinstance(m, nn.Dropout)]

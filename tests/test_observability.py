@@ -114,7 +114,7 @@ def test_rich_live_view_under_a_terminal(tmp_path):
 
 
 def test_plain_console_line_shows_training_time_and_budget(capsys) -> None:
-    from gan_ddp.console import TrainingConsole
+    from gan_ddp.runtime.console import TrainingConsole
 
     metrics = {"step": 300, "epoch": 2, "time_s": 61.4, "img_per_s": 1234.0, "loss/d": 1.0, "loss/g": 2.0}
     TrainingConsole(enabled=True, live=False).log(metrics, 1000, budget=600.0)

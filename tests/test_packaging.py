@@ -46,4 +46,6 @@ def test_builds_are_quiet(source: Path, tmp_path: Path, hook: str) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("tests/")]
     if hook == "build_wheel":
-        assert "gan_ddp/bundled/mnist/t10k-images-idx3-ubyte.gz" in names and "gan_ddp/export.py" in names
+        assert (
+            "gan_ddp/components/bundled/mnist/t10k-images-idx3-ubyte.gz" in names and "gan_ddp/tools/export.py" in names
+        )

@@ -1,4 +1,4 @@
-"""`launch/quality_budget.sh`, the script behind the README's FID-over-time tables, end to end at toy size."""
+"""`launch/quality_budget.sh`, the script behind docs/quality.md's FID-over-time tables, end to end at toy size."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from _runs import REPO as REPO_ROOT
 from omegaconf import OmegaConf
 
-import gan_ddp.evaluator as evr
+import gan_ddp.evaluation.evaluator as evr
 
 pytestmark = pytest.mark.slow
 

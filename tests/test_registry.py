@@ -1,17 +1,18 @@
-"""The registries: each choice declared once beside its code; the config's allowed values come from there."""
+"""The registries: each config key's values declared once, torch-free, in gan_ddp/choices.py (the config's allowed
+values and its checks come from there); the code behind each value registers under its name beside it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gan_ddp import registry
-from gan_ddp.augment import AUGMENT_OPS
+from gan_ddp import choices, registry
+from gan_ddp.components.augment import AUGMENT_OPS
+from gan_ddp.components.data import DATASETS
+from gan_ddp.components.losses import LOSSES, Loss, d_loss, g_loss
+from gan_ddp.components.models import ARCHS, build_models
 from gan_ddp.config import ConfigError, load_config
-from gan_ddp.data import DATASETS
-from gan_ddp.evaluator import EVALUATORS
-from gan_ddp.losses import LOSSES, Loss, d_loss, g_loss
-from gan_ddp.models import ARCHS, build_models
+from gan_ddp.evaluation.evaluator import EVALUATORS
 
 
 @pytest.mark.parametrize(
@@ -24,14 +25,17 @@ from gan_ddp.models import ARCHS, build_models
         ("eval.evaluator", EVALUATORS),
     ],
 )
-def test_config_keys_find_their_registry(key, reg):
-    assert registry.lookup(key) is reg
-    assert reg.names() and all(name in reg for name in reg.names())
+def test_every_declared_value_has_its_code(key, reg):
+    declared = registry.lookup(key)
+    assert getattr(reg, "choices", reg) is declared  # a dataset is all declaration: data.DATASETS is it
+    assert reg.names() == declared.names() and all(name in reg for name in declared.names())
 
 
-def test_a_new_loss_is_one_registration(monkeypatch):
-    """What adding a loss takes: one entry beside the code; the config accepts it and lists it in errors."""
+def test_a_new_loss_is_a_declaration_and_a_registration(monkeypatch):
+    """What adding a loss takes: its name (and facts) in choices.py, its code registered beside the others; the
+    config accepts it and lists it in errors."""
     lsgan = Loss(d=lambda r, f, label: ((r - label) ** 2).mean() + (f**2).mean(), g=lambda f: ((f - 1) ** 2).mean())
+    monkeypatch.setitem(choices.LOSSES._specs, "lsgan", choices.LossSpec())
     monkeypatch.setitem(LOSSES._entries, "lsgan", lsgan)
     assert load_config(None, ["loss.kind=lsgan"]).loss.kind == "lsgan"
     assert d_loss("lsgan", torch.ones(4), torch.zeros(4)).item() == 0.0
@@ -60,3 +64,22 @@ def test_registering_a_name_twice_is_refused():
         LOSSES.add("bce", LOSSES["bce"])
     with pytest.raises(RuntimeError, match="exists already"):
         registry.Registry("loss.kind")
+
+
+def test_an_undeclared_name_or_a_disagreeing_fact_is_refused(monkeypatch):
+    with pytest.raises(RuntimeError, match=r"'lsgan' is not declared; add it to gan_ddp/choices\.py"):
+        LOSSES.add("lsgan", LOSSES["bce"])
+    hinge = LOSSES["hinge"]
+    monkeypatch.delitem(LOSSES._entries, "hinge")
+    with pytest.raises(RuntimeError, match=r"per_sample_penalty=True, gan_ddp/choices\.py declares False"):
+        LOSSES.add("hinge", Loss(d=hinge.d, g=hinge.g, per_sample_penalty=True))
+
+
+def test_the_declarations_need_no_torch():
+    """choices.py is what a config is checked against: importing it (and the config) must not import torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, gan_ddp.config; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr

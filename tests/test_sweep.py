@@ -13,7 +13,7 @@ import pytest
 import yaml
 from _runs import REPO
 
-from gan_ddp.cli import build_parser
+from gan_ddp.commands.cli import build_parser
 from gan_ddp.config import load_config
 
 sweep_utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")

@@ -12,9 +12,9 @@ import pytest
 from _runs import single, torchrun, train_cmd
 from PIL import Image
 
-from gan_ddp import cli
+from gan_ddp.commands import cli
 from gan_ddp.config import ConfigError, LogConfig
-from gan_ddp.tracking import MLFLOW_RUN_ID_FILE, TRACKERS, TrackerKind, flat_params
+from gan_ddp.runtime.tracking import MLFLOW_RUN_ID_FILE, TRACKERS, TrackerKind, flat_params
 
 BOTH = "log.trackers=[tensorboard,mlflow]"
 GRID = (4 * 30 + 2, 4 * 30 + 2)  # the smoke config's 16-sample grid: 4 x 4 images of 28 px, 2 px padding

@@ -1,4 +1,4 @@
-"""Tests for gan_ddp.viz: metric plots, progress GIF, latent walks and grid saving (CPU only, no training)."""
+"""Tests for gan_ddp.components.viz: metric plots, progress GIF, latent walks, grid saving (CPU only, no training)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import save_image
 
-from gan_ddp import viz
+from gan_ddp.components import viz
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -140,7 +140,7 @@ def test_plot_metrics_no_loss_lines(tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_matplotlib() -> None:
-    code = "import sys, gan_ddp.viz; assert 'matplotlib' not in sys.modules and 'imageio' not in sys.modules"
+    code = "import sys, gan_ddp.components.viz; assert 'matplotlib' not in sys.modules and 'imageio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

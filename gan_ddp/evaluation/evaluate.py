@@ -2,8 +2,8 @@
 
 Reading order: `prepare_evaluation` (evaluator and real statistics on every process), `generate_features`
 (generation split over processes), `score_generator` / `score_npz`, then the plain functions the
-`eval` and `train-evaluator` commands call (their arguments are parsed in `gan_ddp.cli`). The network and its
-cache are in `gan_ddp.evaluator`, the metrics and the real statistics in `gan_ddp.eval_metrics`.
+`eval` and `train-evaluator` commands call (their arguments are parsed in `gan_ddp.commands.cli`). The network and its
+cache are in `gan_ddp.evaluation.evaluator`, the metrics and the real statistics in `gan_ddp.evaluation.eval_metrics`.
 
 Numbers are only comparable between runs scored with the same evaluator (same cached file) and the
 same reference statistics: both are keyed by the sha256 of the data they come from. Generation for scoring
@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gan_ddp.barrier import main_first
-from gan_ddp.data import DataError, default_root
-from gan_ddp.distributed import check_consistency
+from gan_ddp.components.data import DataError, default_root
+from gan_ddp.components.models import N_CLASSES, balanced_labels
 from gan_ddp.errors import UsageError, one_line
-from gan_ddp.eval_metrics import (
+from gan_ddp.evaluation.eval_metrics import (
     CONDITIONAL_KEYS,
     METRIC_KEYS,
     RealStats,
@@ -36,15 +35,16 @@ from gan_ddp.eval_metrics import (
     load_or_compute_real_stats,
     metrics_against,
 )
-from gan_ddp.evaluator import (
+from gan_ddp.evaluation.evaluator import (
     MnistEvaluator,
     RealData,
     default_cache_dir,
     evaluator_path,
     load_or_train_evaluator,
 )
-from gan_ddp.fidelity import MIN_SAMPLES
-from gan_ddp.models import N_CLASSES, balanced_labels
+from gan_ddp.evaluation.fidelity import MIN_SAMPLES
+from gan_ddp.runtime.barrier import main_first
+from gan_ddp.runtime.distributed import check_consistency
 
 
 # ------------------------------------------------------------------------------ set-up, samples from a file
@@ -189,7 +189,7 @@ def score_generator(
     return metrics_against(features, probs, real_stats, requested)
 
 
-# ------------------------------------------------------------------------------ commands (arguments: gan_ddp.cli)
+# --------------------------------------------------------------------------- commands (arguments: gan_ddp.commands.cli)
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -223,8 +223,8 @@ def run_eval(args: Any) -> int:
         metrics = score_npz(args.samples, evaluator, stats)
         source, is_main = str(args.samples), True
     else:
-        from gan_ddp.distributed import check_distributed, make_accelerator
-        from gan_ddp.rundir import load_generator_from_run
+        from gan_ddp.components.rundir import load_generator_from_run
+        from gan_ddp.runtime.distributed import check_distributed, make_accelerator
 
         G, cfg, checkpoint = load_generator_from_run(args.run, args.checkpoint, use_ema=not args.no_ema)
         accelerator = make_accelerator("no")
@@ -284,9 +284,9 @@ def _score_run_generator(accelerator: Any, G: Any, cfg: Any, evaluator: Any, sta
 def _eval_all_checkpoints(args: Any) -> int:
     """``eval --run DIR --all-checkpoints``: the curve of a run, from its kept checkpoints (set
     ``checkpoint.keep`` high enough when training). ``time_s`` is the run's training time at the checkpoint."""
-    from gan_ddp import checkpoint as ckpt
-    from gan_ddp.distributed import check_distributed, make_accelerator
-    from gan_ddp.rundir import load_generator_from_run
+    from gan_ddp.components.rundir import load_generator_from_run
+    from gan_ddp.runtime import checkpoint as ckpt
+    from gan_ddp.runtime.distributed import check_distributed, make_accelerator
 
     accelerator = make_accelerator("no")
     check_distributed(accelerator.num_processes)

@@ -15,7 +15,7 @@ W&B in detail:
 
 Only the main process builds an active `Tracker`; every other rank passes `enabled=False` and the object
 does nothing at all (wandb is never imported there). wandb and Accelerate's tracker are imported lazily,
-inside methods, so `import gan_ddp.tracking` stays cheap.
+inside methods, so `import gan_ddp.runtime.tracking` stays cheap.
 
 Modes (`log.wandb`): "disabled"; "offline" (files only, `wandb sync` later); "online"; "auto" = online
 when credentials are configured (`WANDB_API_KEY`, `WANDB_IDENTITY_TOKEN_FILE`, or a `.netrc` entry for the

@@ -44,8 +44,8 @@ class DemoModel:
 # --------------------------------------------------------------------------------------------- loading
 def from_run(run_dir: Path, checkpoint: Path | None = None) -> DemoModel:
     """A run's generator: the EMA and the raw weights of one checkpoint (the newest complete one by default)."""
-    from gan_ddp.export import checkpoint_step, run_metrics
-    from gan_ddp.rundir import load_generator_from_run, read_run_facts
+    from gan_ddp.components.rundir import load_generator_from_run, read_run_facts
+    from gan_ddp.tools.export import checkpoint_step, run_metrics
 
     G, cfg, ckpt_dir = load_generator_from_run(Path(run_dir), checkpoint, use_ema=True)
     generators = {"EMA": G} if cfg.ema.enabled else {}
@@ -58,7 +58,7 @@ def from_run(run_dir: Path, checkpoint: Path | None = None) -> DemoModel:
 
 def from_export(folder: Path) -> DemoModel:
     """A folder written by `gan-ddp export` (its one set of weights)."""
-    from gan_ddp.export import load_exported
+    from gan_ddp.tools.export import load_exported
 
     G, config = load_exported(Path(folder))
     meta = config.get("gan_ddp") or {}
@@ -122,7 +122,7 @@ def _generator(model: DemoModel, weights: str | None) -> nn.Module:
 
 def sample_grid(model: DemoModel, seed: float, n: float, digit: str | int | None = None, weights: str | None = None):
     """The picture of `n` samples for noise `seed` (what `gan-ddp sample --seed` draws)."""
-    from gan_ddp.models import generate
+    from gan_ddp.components.models import generate
 
     seed, n = _bounded(seed, 0, MAX_SEED, "seed"), _bounded(n, 1, MAX_IMAGES, "images")
     G = _generator(model, weights)
@@ -134,7 +134,7 @@ def interpolation(
     model: DemoModel, seed_a: float, seed_b: float, steps: float, digit: str | int | None = None, weights=None
 ):
     """One row: a spherical walk from seed A's latent to seed B's (what `gan-ddp interpolate --between` draws)."""
-    from gan_ddp import viz
+    from gan_ddp.components import viz
 
     seed_a, seed_b = _bounded(seed_a, 0, MAX_SEED, "seed A"), _bounded(seed_b, 0, MAX_SEED, "seed B")
     steps = _bounded(steps, 2, MAX_STEPS, "steps")

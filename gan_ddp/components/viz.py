@@ -1,7 +1,7 @@
 """Visualisation of a training run: metric plots, a progress GIF of sample grids, latent walks.
 
 Heavy or display-related libraries (matplotlib, imageio, PIL, torchvision) are imported inside the
-functions that need them so that ``import gan_ddp.viz`` stays cheap for the trainer.
+functions that need them so that ``import gan_ddp.components.viz`` stays cheap for the trainer.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def class_between(G: nn.Module, class_a: int, class_b: int, steps: int, rows: in
     """For a conditional G: keep row i's latent (seed ``seed + i``) and move the label from class ``class_a``
     to ``class_b`` in ``steps`` steps (class weights (1 - t) e_a + t e_b, which mix the classes' embeddings);
     images (rows*steps, 1, 28, 28) row-major, on CPU."""
-    from gan_ddp.models import N_CLASSES
+    from gan_ddp.components.models import N_CLASSES
 
     _check_positive("--steps", steps)
     _check_positive("--rows", rows)

@@ -5,7 +5,7 @@ heavy modules that raise them. The exit codes:
 
     0   finished (or train.max_seconds reached)      1   crash; a lost or stalled process of a multi-process run
     2   bad input: config, data, checkpoint, launch, run.dir in use
-    3   diverged: non-finite losses or weights (gan_ddp.guard)
+    3   diverged: non-finite losses or weights (gan_ddp.runtime.guard)
     74  I/O error writing or reading the run directory (EX_IOERR)
     75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED)
     130 aborted by a second Ctrl-C (no checkpoint)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 EXIT_CRASH = 1
 EXIT_USAGE = 2
-EXIT_DIVERGED = 3  # gan_ddp.guard.EXIT_DIVERGED
+EXIT_DIVERGED = 3  # gan_ddp.runtime.guard.EXIT_DIVERGED
 EXIT_IO = 74
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process killed by Ctrl-C
 

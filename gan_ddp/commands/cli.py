@@ -1,5 +1,9 @@
 """`gan-ddp` command line. Same entry point under `python -m gan_ddp`, `accelerate launch -m gan_ddp`
-and `torchrun -m gan_ddp`."""
+and `torchrun -m gan_ddp`.
+
+`--help`, `--version` and a bad config answer without importing torch (well under a second): this module and
+what it imports at the top are torch-free (`gan_ddp.choices` declares the config's values), and each command
+imports its layer only when it runs (tests/test_cli.py checks `sys.modules`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand of `gan-ddp`; the modules behind them expose plain functions."""
+    from gan_ddp import __version__
+
     p = argparse.ArgumentParser(prog="gan-ddp", description="Distributed GAN training on MNIST with Accelerate.")
+    p.add_argument("--version", action="version", version=f"gan-ddp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a GAN (resumes the newest checkpoint in run.dir by default)")
@@ -88,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
-    """The ``eval`` and ``train-evaluator`` subcommands (gan_ddp.evaluate)."""
-    from gan_ddp.evaluator import DEFAULT_EPOCHS
+    """The ``eval`` and ``train-evaluator`` subcommands (gan_ddp.evaluation.evaluate)."""
+    from gan_ddp.config import EVALUATOR_EPOCHS
 
     e = sub.add_parser("eval", help="score samples: classifier FID, class coverage/entropy, confidence")
     what = e.add_mutually_exclusive_group(required=True)
@@ -114,14 +121,14 @@ def _add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-evaluator", help="train (or load) the cached classifier used by `eval`")
     _add_data_args(t, "default: mnist (test split, bundled)")
     _add_evaluator_arg(t)
-    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    t.add_argument("--epochs", type=int, default=EVALUATOR_EPOCHS)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="retrain even if a cached evaluator exists")
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
+    from gan_ddp.choices import DATASETS
     from gan_ddp.config import SPLITS
-    from gan_ddp.data import DATASETS
 
     p.add_argument("--dataset", choices=DATASETS.names(), help=default_note)
     p.add_argument("--root", help="folder with the IDX files, or 'bundled' (default for the MNIST test split)")
@@ -130,7 +137,7 @@ def _add_data_args(p: argparse.ArgumentParser, default_note: str) -> None:
 
 
 def _add_evaluator_arg(p: argparse.ArgumentParser) -> None:
-    from gan_ddp.evaluator import EVALUATORS
+    from gan_ddp.choices import EVALUATORS
 
     p.add_argument(
         "--evaluator",
@@ -147,7 +154,7 @@ def _add_config_args(p: argparse.ArgumentParser, config_help: str) -> None:
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`bench` (gan_ddp.bench)."""
+    """`bench` (gan_ddp.tools.bench)."""
     b = sub.add_parser(
         "bench",
         help="measure the training step (images/s, time split, memory, checkpoint save); --baseline compares "
@@ -168,7 +175,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _add_textbook_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`textbook` (gan_ddp.textbook)."""
+    """`textbook` (gan_ddp.tools.textbook)."""
     t = sub.add_parser(
         "textbook",
         help="train the tutorials' loop (bench's --baseline) for a time budget, writing sample files for "
@@ -188,14 +195,15 @@ def _positive(name: str, value: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gan_ddp.distributed import main_process_warnings_only
+    from gan_ddp.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # torch-free: a bad config is one line, at once
+    from gan_ddp.runtime.distributed import main_process_warnings_only
 
     main_process_warnings_only()  # before Accelerate and the trainer are imported: they warn too
-    from gan_ddp.config import load_config
-    from gan_ddp.tracking import check_installed
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.runtime.tracking import check_installed
+    from gan_ddp.training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     check_installed(cfg.log.trackers)  # before any process starts working: one line naming the package
     return Trainer(cfg).train()
 
@@ -204,9 +212,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     from torchvision.utils import save_image
 
-    from gan_ddp.data import to_sample_array
-    from gan_ddp.models import N_CLASSES, generate
-    from gan_ddp.rundir import load_generator_from_run
+    from gan_ddp.components.data import to_sample_array
+    from gan_ddp.components.models import N_CLASSES, generate
+    from gan_ddp.components.rundir import load_generator_from_run
 
     _positive("--n", args.n)
     _positive("--batch", args.batch)
@@ -231,7 +239,7 @@ def _requested_labels(conditional: bool, digit: int | None, n: int):
     """Labels for a conditional run's samples: all `digit`, or class-balanced; None for an unconditional run."""
     import torch
 
-    from gan_ddp.models import N_CLASSES, balanced_labels
+    from gan_ddp.components.models import N_CLASSES, balanced_labels
 
     if not conditional:
         if digit is not None:
@@ -245,7 +253,7 @@ def _requested_labels(conditional: bool, digit: int | None, n: int):
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gan_ddp import viz
+    from gan_ddp.components import viz
 
     for path in viz.plot_metrics(args.run):
         print(f"wrote {path}")
@@ -253,7 +261,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from gan_ddp import viz
+    from gan_ddp.components import viz
 
     print(f"wrote {viz.make_animation(args.run, fps=args.fps)}")
     return 0
@@ -262,9 +270,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
 def cmd_interpolate(args: argparse.Namespace) -> int:
     import torch
 
-    from gan_ddp import viz
-    from gan_ddp.models import N_CLASSES
-    from gan_ddp.rundir import load_generator_from_run
+    from gan_ddp.components import viz
+    from gan_ddp.components.models import N_CLASSES
+    from gan_ddp.components.rundir import load_generator_from_run
 
     _positive("--steps", args.steps)
     _positive("--rows", args.rows)
@@ -296,7 +304,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gan_ddp.export import export_run
+    from gan_ddp.tools.export import export_run
 
     checkpoint = export_run(args.run, args.out, args.checkpoint, use_ema=not args.no_ema)
     print(f"wrote {args.out} from {checkpoint}: load it with from_pretrained({str(args.out)!r}), see its README.md")
@@ -304,7 +312,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gan_ddp import demo
+    from gan_ddp.tools import demo
 
     if args.checkpoint and args.model:
         raise UsageError("--checkpoint goes with --run, not --model (an exported folder holds one generator)")
@@ -317,31 +325,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gan_ddp.evaluate import run_eval
+    from gan_ddp.evaluation.evaluate import run_eval
 
     return run_eval(args)
 
 
 def cmd_train_evaluator(args: argparse.Namespace) -> int:
-    from gan_ddp.evaluate import run_train_evaluator
+    from gan_ddp.evaluation.evaluate import run_train_evaluator
 
     return run_train_evaluator(args)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from gan_ddp.doctor import run_doctor
+    from gan_ddp.runtime.doctor import run_doctor
 
     return run_doctor()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gan_ddp.bench import run_bench
+    from gan_ddp.tools.bench import run_bench
 
     return run_bench(args)
 
 
 def cmd_textbook(args: argparse.Namespace) -> int:
-    from gan_ddp.textbook import run_textbook
+    from gan_ddp.tools.textbook import run_textbook
 
     return run_textbook(args)
 
@@ -370,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from gan_ddp import faults
     from gan_ddp.errors import GanDdpError
+    from gan_ddp.runtime import faults
 
     try:
         return COMMANDS[args.command](args)

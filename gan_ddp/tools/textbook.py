@@ -48,7 +48,7 @@ def textbook_transform() -> Callable[[Any], torch.Tensor]:
 
 def textbook_models(model_cfg: Any) -> tuple[nn.Module, nn.Module]:
     """The project's architectures with the tutorials' sigmoid at the end of D and torch's own dropout."""
-    from gan_ddp.models import MaskDropout, build_models
+    from gan_ddp.components.models import MaskDropout, build_models
 
     generator, discriminator = build_models(model_cfg)
     for parent in list(discriminator.modules()):
@@ -129,8 +129,8 @@ class TextbookLoop:
 
     def samples(self, n: int, seed: int = 0, batch: int = 500) -> Any:
         """(n, 28, 28, 1) uint8 from G in eval mode, noise from `seed`: the `gan-ddp sample` format."""
-        from gan_ddp.data import to_sample_array
-        from gan_ddp.models import generate
+        from gan_ddp.components.data import to_sample_array
+        from gan_ddp.components.models import generate
 
         self.G.eval()
         images = generate(self.G, n, self.z_dim, seed, batch)
@@ -154,8 +154,8 @@ def run_textbook(args: argparse.Namespace) -> int:
     `--n` samples to `<out>/t<seconds>.npz` and a line to `<out>/log.jsonl`. Writing samples is not timed."""
     import numpy as np
 
+    from gan_ddp.components.data import load_arrays
     from gan_ddp.config import load_config
-    from gan_ddp.data import load_arrays
 
     for name in ("seconds", "every", "n"):
         if getattr(args, name) <= 0:

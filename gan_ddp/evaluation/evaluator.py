@@ -1,9 +1,10 @@
 """The evaluator: a small MNIST classifier whose penultimate features the evaluation metrics are computed in.
 
-Each kind of network is declared once in `EVALUATORS` (the config key ``eval.evaluator``) with the tag its
-cards carry. An evaluator is trained once per dataset (`load_or_train_evaluator`) and cached under
-``$GAN_DDP_CACHE`` or ``~/.cache/gan-ddp`` as safetensors plus a JSON card, keyed by the sha256 of the
-images and labels it was trained on (`RealData`). The metrics themselves live in `gan_ddp.eval_metrics`.
+Each kind of network is registered once in `EVALUATORS` (the config key ``eval.evaluator``, whose names
+`gan_ddp/choices.py` declares) with the tag its cards carry. An evaluator is trained once per dataset
+(`load_or_train_evaluator`) and cached under ``$GAN_DDP_CACHE`` or ``~/.cache/gan-ddp`` as safetensors plus a
+JSON card, keyed by the sha256 of the images and labels it was trained on (`RealData`). The metrics themselves
+live in `gan_ddp.evaluation.eval_metrics`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gan_ddp.data import DataError, data_checksum, find_split_files, load_arrays, normalize, read_idx
+from gan_ddp.components.data import DataError, data_checksum, find_split_files, load_arrays, normalize, read_idx
+from gan_ddp.components.models import N_CLASSES
+from gan_ddp.config import EVALUATOR_EPOCHS
 from gan_ddp.errors import one_line
-from gan_ddp.fsutil import atomic_write
-from gan_ddp.models import N_CLASSES
 from gan_ddp.registry import Registry
+from gan_ddp.runtime.fsutil import atomic_write
 
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = EVALUATOR_EPOCHS
 HELDOUT_FRACTION = 0.1
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from gan_ddp import checkpoint as ckpt
-from gan_ddp import guard
+from gan_ddp.components.models import build_models
 from gan_ddp.config import Config, config_from_dict
 from gan_ddp.errors import MissingRunFileError
-from gan_ddp.models import build_models
+from gan_ddp.runtime import checkpoint as ckpt
+from gan_ddp.runtime import guard
 
 CONFIG_FILE = "config.yaml"
 

@@ -6,7 +6,7 @@ the split of an iteration is measured through the seam the trainer offers, `Trai
 only). What is left of an iteration (the G forward, the noise, the metric sums) is reported as `ms_other`.
 
 `--baseline` adds, in the same process and run, the loop of the tutorials this project reproduces
-(`gan_ddp.textbook`: per-image PIL transforms, `BCELoss` after a sigmoid, a fresh G forward for the G step, D
+(`gan_ddp.tools.textbook`: per-image PIL transforms, `BCELoss` after a sigmoid, a fresh G forward for the G step, D
 not frozen; same architecture, batch and optimiser settings). Under several processes it runs on the main
 process alone (the others wait at a barrier) with the machine's cores, and is compared with the lean run's
 global throughput.
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from gan_ddp.errors import UsageError
-from gan_ddp.textbook import TextbookLoop, torch_threads
+from gan_ddp.tools.textbook import TextbookLoop, torch_threads
 
 KEYS = (
     "img_per_s",
@@ -192,7 +192,7 @@ def _default_threads(world: int, before_trainer: int) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     _check_args(args)
-    from gan_ddp.trainer import Trainer
+    from gan_ddp.training.trainer import Trainer
 
     threads_before = torch.get_num_threads()
     cfg, tmp = _bench_config(args)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from gan_ddp import compat
-from gan_ddp.distributed import choose_precision, cpu_has_native_bf16
 from gan_ddp.errors import GanDdpError
+from gan_ddp.runtime import compat
+from gan_ddp.runtime.distributed import choose_precision, cpu_has_native_bf16
 
 EXIT_OK = 0
 EXIT_UNUSABLE = 2  # a visible GPU this build cannot run (or a driver torch cannot use)

@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gan_ddp import compat
 from gan_ddp.errors import GanDdpError
-from gan_ddp.fsutil import atomic_write
+from gan_ddp.runtime import compat
+from gan_ddp.runtime.fsutil import atomic_write
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -137,7 +137,7 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensor
     A failure while writing (disk full, read-only filesystem, permissions) removes the half-written
     `.tmp-*` directory and raises an OSError that names it and its errno, whatever the library that
     failed said; earlier checkpoints are untouched (rotation runs only after a complete save)."""
-    from gan_ddp.faults import as_os_error
+    from gan_ddp.runtime.faults import as_os_error
 
     tmp = root / f".tmp-{step_dir_name(step)}"
     try:

@@ -17,6 +17,10 @@ from torch import nn
 
 from gan_ddp.config import ConfigError
 from gan_ddp.errors import GanDdpError
+from gan_ddp.runtime import compat
+
+# Every Accelerator and process group of gan-ddp is made through this module: old torch's gaps are filled first.
+compat.install_shims()
 
 
 class DistributedSetupError(GanDdpError, RuntimeError):
@@ -36,7 +40,7 @@ def choose_precision(
     P100's double-rate fp16 (6.0); fp32 everywhere else (K80 3.7, Maxwell 5.x, consumer Pascal 6.1/6.2,
     where fp16 runs at a fraction of fp32's rate or is emulated). CPU: bf16 autocast when the CPU has
     native bf16 dot products (AVX512-BF16/AMX): in same-period A/B runs on this project's CPU machines it
-    was 1.37-1.51x faster per step than fp32 (README, "Speed"); plain fp32 otherwise, because emulated
+    was 1.37-1.51x faster per step than fp32 (docs/speed.md); plain fp32 otherwise, because emulated
     bf16 is slower than fp32.
     """
     if requested != "auto":

@@ -52,7 +52,7 @@ class ExportError(GanDdpError):
 # ------------------------------------------------------------------------------------------------ export
 def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None, use_ema: bool = True) -> Path:
     """Write the Hub folder `out` for the run's generator (newest complete checkpoint unless one is named)."""
-    from gan_ddp.rundir import load_generator_from_run, read_run_facts
+    from gan_ddp.components.rundir import load_generator_from_run, read_run_facts
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -86,7 +86,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None, use_ema
 
 
 def checkpoint_step(ckpt_dir: Path) -> int | None:
-    from gan_ddp import checkpoint as ckpt
+    from gan_ddp.runtime import checkpoint as ckpt
 
     try:
         return int(ckpt.read_state(ckpt_dir)["step"])
@@ -96,7 +96,7 @@ def checkpoint_step(ckpt_dir: Path) -> int | None:
 
 def run_metrics(run_dir: Path, step: int | None) -> dict[str, Any]:
     """The newest evaluation line of metrics.jsonl at or before `step` (eval.every during training): {} if none."""
-    from gan_ddp.viz import read_metrics
+    from gan_ddp.components.viz import read_metrics
 
     try:
         rows = read_metrics(run_dir)
@@ -111,7 +111,7 @@ def run_metrics(run_dir: Path, step: int | None) -> dict[str, Any]:
 
 def grid_inputs(G: nn.Module, seed: int = GRID_SEED, columns: int = GRID_COLUMNS) -> tuple[torch.Tensor, Any]:
     """(z, labels) of the card's grid: 8 x 8 samples, or for a conditional G one row per class."""
-    from gan_ddp.models import class_grid_inputs
+    from gan_ddp.components.models import class_grid_inputs
 
     if getattr(G, "conditional", False):
         return class_grid_inputs(columns, G.z_dim, seed)
@@ -119,7 +119,7 @@ def grid_inputs(G: nn.Module, seed: int = GRID_SEED, columns: int = GRID_COLUMNS
 
 
 def _save_sample_grid(G: nn.Module, path: Path) -> None:
-    from gan_ddp.viz import save_grid
+    from gan_ddp.components.viz import save_grid
 
     z, labels = grid_inputs(G)
     with torch.no_grad():
@@ -186,7 +186,7 @@ def _model_card(G: nn.Module, cfg: Any, meta: dict[str, Any]) -> str:
         "",
         "```python",
         "import torch",
-        f"from gan_ddp.models import {cls}  # the gan-ddp package",
+        f"from gan_ddp.components.models import {cls}  # the gan-ddp package",
         "",
         f'G = {cls}.from_pretrained("path/to/this/folder")  # or "user/repo" on the Hub; eval mode, on CPU',
         "z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(0))",
@@ -256,7 +256,7 @@ def read_exported_config(folder: Path) -> dict[str, Any]:
 
 def load_exported(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     """(G in eval mode, config.json) of a folder written by `export_run`, built by the class its `arch` names."""
-    from gan_ddp.models import ARCHS
+    from gan_ddp.components.models import ARCHS
 
     config = read_exported_config(folder)
     if config["arch"] not in ARCHS:

@@ -10,7 +10,7 @@ torchvision is only used to download (imported lazily, as it is slow to import);
 the files it leaves behind are read by ``read_idx`` like any others, so there is
 a single loading path to trust.
 
-The official MNIST test split ships inside the package (``gan_ddp/bundled/mnist``,
+The official MNIST test split ships inside the package (``gan_ddp/components/bundled/mnist``,
 checksums verified on every read): ``data.root=bundled`` names it, and a training
 whose download fails falls back to it (``data.fallback``), so the project trains
 and tests on a machine without a network.
@@ -36,36 +36,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gan_ddp.barrier import main_first
+from gan_ddp.choices import DATASETS
 from gan_ddp.config import SPLITS
 from gan_ddp.errors import GanDdpError, one_line
-from gan_ddp.registry import Registry
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One `data.dataset`: an MNIST-format dataset (IDX files, 28x28 grey images, labels 0..9)."""
-
-    site: str  # where users get the files, for error messages
-    folders: tuple[str, ...]  # under data.root, in search order; the torchvision class's <name>/raw among them
-    torchvision: str  # the torchvision.datasets class that downloads it
-    install_hint: str = ""  # another way to get the files, for error messages
-    bundled: bool = False  # the package carries its test split (data.root=bundled, data.fallback=bundled)
-
-
-DATASETS: Registry[DatasetSpec] = Registry("data.dataset")
-DATASETS.add("mnist", DatasetSpec(site="MNIST", folders=("", "MNIST/raw", "mnist"), torchvision="MNIST", bundled=True))
-DATASETS.add(
-    "fashion_mnist",
-    DatasetSpec(
-        site="Fashion-MNIST",
-        folders=("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
-        torchvision="FashionMNIST",
-        install_hint=(
-            "on Debian: apt-get install dataset-fashion-mnist, then data.root=/usr/share/datasets/fashion-mnist"
-        ),
-    ),
-)
+from gan_ddp.runtime.barrier import main_first
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

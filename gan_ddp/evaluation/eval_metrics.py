@@ -1,4 +1,4 @@
-"""The ``eval/*`` metrics of generated samples, in the feature space of the evaluator (`gan_ddp.evaluator`).
+"""The ``eval/*`` metrics of generated samples, in the feature space of the evaluator (`gan_ddp.evaluation.evaluator`).
 
 - ``eval/fid``: Fréchet distance between Gaussians fitted to real and generated features (lower is
   better; real vs real of the same data gives a small positive number because of sampling noise),
@@ -13,7 +13,7 @@
   ``eval/fid_class_mean`` (mean over classes of the FID between the samples asked for class c and the real
   images of class c) and ``eval/fid_class/<c>``, ``eval/agreement_class/<c>`` per class.
 
-KID and precision/recall come from `gan_ddp.fidelity` (torch-fidelity's maths on our features). The real
+KID and precision/recall come from `gan_ddp.evaluation.fidelity` (torch-fidelity's maths on our features). The real
 side (`RealStats`) is computed once per evaluator and data and cached beside the evaluator. A new metric of
 samples is one more entry in `compute_metrics` (and `METRIC_KEYS` for the tables).
 """
@@ -30,9 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gan_ddp.evaluator import MnistEvaluator, RealData, as_model_input, cache_path, default_cache_dir, weights_sha256
-from gan_ddp.fsutil import atomic_write
-from gan_ddp.models import N_CLASSES
+from gan_ddp.components.models import N_CLASSES
+from gan_ddp.evaluation.evaluator import (
+    MnistEvaluator,
+    RealData,
+    as_model_input,
+    cache_path,
+    default_cache_dir,
+    weights_sha256,
+)
+from gan_ddp.runtime.fsutil import atomic_write
 
 COVERAGE_MIN_SHARE = 0.02  # a class counts as covered when it gets at least 2% of the samples
 METRIC_KEYS = (
@@ -209,7 +216,7 @@ def compute_metrics(
 
     With ``real_features`` (n, F) also KID and precision/recall; with ``requested`` (N,), the classes a
     conditional generator was asked for, and ``real_labels`` (n,), also agreement and per-class FID."""
-    from gan_ddp import fidelity
+    from gan_ddp.evaluation import fidelity
 
     probs = torch.as_tensor(gen_probs).double().cpu()
     mu, sigma = feature_stats(gen_features)

@@ -21,13 +21,22 @@ from typing import Any
 
 import torch
 
-from gan_ddp import checkpoint as ckpt
-from gan_ddp import compat, faults, guard, runlock
-from gan_ddp.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL, DiffAugment
+from gan_ddp.components.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL, DiffAugment
+from gan_ddp.components.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
+from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.components.models import (
+    N_CLASSES,
+    build_models,
+    class_grid_inputs,
+    count_parameters,
+    couples_batch,
+    model_signature,
+)
 from gan_ddp.config import Config, ConfigError, save_config
-from gan_ddp.console import TrainingConsole
-from gan_ddp.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
-from gan_ddp.distributed import (
+from gan_ddp.runtime import checkpoint as ckpt
+from gan_ddp.runtime import compat, faults, guard, runlock
+from gan_ddp.runtime.console import TrainingConsole
+from gan_ddp.runtime.distributed import (
     announce_host,
     average_buffers,
     check_consistency,
@@ -39,13 +48,11 @@ from gan_ddp.distributed import (
     make_accelerator,
     want_cpu,
 )
-from gan_ddp.doctor import check_gpu_kernels
-from gan_ddp.ema import GeneratorEMA
-from gan_ddp.fsutil import atomic_write
-from gan_ddp.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
-from gan_ddp.metrics import MetricWindow
-from gan_ddp.models import N_CLASSES, build_models, class_grid_inputs, count_parameters, couples_batch, model_signature
-from gan_ddp.tracking import Trackers, open_trackers
+from gan_ddp.runtime.doctor import check_gpu_kernels
+from gan_ddp.runtime.fsutil import atomic_write
+from gan_ddp.runtime.tracking import Trackers, open_trackers
+from gan_ddp.training.ema import GeneratorEMA
+from gan_ddp.training.metrics import MetricWindow
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again (launch/slurm.sbatch requeues)
@@ -190,8 +197,8 @@ class Trainer:
 
         self.evaluator = self.real_stats = None
         if cfg.eval.every:  # all ranks: the main process trains/caches the evaluator first, the others wait
-            from gan_ddp.evaluate import prepare_evaluation
-            from gan_ddp.evaluator import RealData
+            from gan_ddp.evaluation.evaluate import prepare_evaluation
+            from gan_ddp.evaluation.evaluator import RealData
 
             real = RealData(cfg.data.dataset, cfg.data.root, cfg.data.split, images, labels, self.data_info.sha256)
             self.evaluator, self.real_stats = prepare_evaluation(acc, real, cfg.eval.cache_dir, kind=cfg.eval.evaluator)
@@ -451,8 +458,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Collective: every rank generates its share of eval.n samples; FID, coverage and confidence
         from the gathered features are logged by the main process."""
-        from gan_ddp.eval_metrics import summary_line
-        from gan_ddp.evaluate import score_generator
+        from gan_ddp.evaluation.eval_metrics import summary_line
+        from gan_ddp.evaluation.evaluate import score_generator
 
         e = self.cfg.eval
         average_buffers(self.accelerator, [self.G_raw] + ([self.ema.shadow] if self.ema else []))
@@ -807,7 +814,7 @@ class Trainer:
     def _finish_artifacts(self) -> None:
         """Plots and the progress animation, from the files (so a resumed run's cover the whole run)."""
         try:
-            from gan_ddp import viz
+            from gan_ddp.components import viz
 
             plots = viz.plot_metrics(self.run_dir)
             gif = viz.make_animation(self.run_dir)

@@ -53,7 +53,7 @@ def compile_unsupported(version: str | None = None, python: tuple[int, int] | No
 def safe_load_allowlist(version: str | None = None) -> bool:
     """torch >= 2.4 loads pickles with `weights_only=True` plus an allowlist of extra globals
     (`add_safe_globals`), which Accelerate's `load` relies on; below it Accelerate loads with a plain,
-    code-running torch.load, so gan_ddp.checkpoint vets the pickle's imports itself first."""
+    code-running torch.load, so gan_ddp.runtime.checkpoint vets the pickle's imports itself first."""
     return _version(version) >= "2.4"
 
 

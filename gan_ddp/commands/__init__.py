@@ -1,0 +1,1 @@
+"""The command layer: `gan-ddp` and its subcommands; parses arguments and calls the layers below."""

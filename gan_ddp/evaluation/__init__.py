@@ -1,0 +1,1 @@
+"""Evaluation: the MNIST evaluator network, the metrics in its feature space, distributed scoring."""
