@@ -199,9 +199,9 @@ def _save(accelerator, root, step, state, extra_tensors, models, optimizers, sca
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for model, name in zip(models, MODELS):
+        for model, name in zip(models, MODELS, strict=True):
             _save_tensors(model.state_dict(), tmp / name)
-        for optimizer, name in zip(optimizers, OPTIMIZERS):
+        for optimizer, name in zip(optimizers, OPTIMIZERS, strict=True):
             tensors, rest = split_optimizer_state(optimizer.state_dict())
             _save_tensors(tensors, tmp / f"{name}.safetensors")
             write_json(tmp / f"{name}.json", rest)
@@ -223,6 +223,11 @@ def _save(accelerator, root, step, state, extra_tensors, models, optimizers, sca
         _fsync_dir(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_ema(directory: Path) -> dict[str, torch.Tensor] | None:
+    path = directory / EMA
+    return read_tensors(path) if path.is_file() else None
 
 
 def rng_name(rank: int) -> str:
@@ -389,7 +394,9 @@ def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool)
         try:
             optimizers.append(join_optimizer_state(tensors, rest))
         except READ_ERRORS as exc:
-            raise CheckpointError(f"{directory / name}.json: not an optimizer state ({_reason(exc)}) {NO_CODE}") from None
+            raise CheckpointError(
+                f"{directory / name}.json: not an optimizer state ({_reason(exc)}) {NO_CODE}"
+            ) from None
     scaler = read_json(directory / SCALER) if (directory / SCALER).is_file() else None
     if scaler is not None and not (isinstance(scaler, dict) and isinstance(scaler.get("scale", 0.0), float)):
         raise CheckpointError(f"{directory / SCALER}: not a gradient scaler state {NO_CODE}")
@@ -397,7 +404,9 @@ def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool)
     if rank < saved_world:
         path = directory / rng_name(rank)
         if not path.is_file():
-            raise CheckpointError(f"{directory}: {path.name} is missing (process {rank}'s RNG state; exact resume needs it)")
+            raise CheckpointError(
+                f"{directory}: {path.name} is missing (process {rank}'s RNG state; exact resume needs it)"
+            )
         try:
             rng = _rng_from_json(read_json(path))
         except READ_ERRORS as exc:
@@ -432,7 +441,7 @@ def _load_format_1(directory: Path, rank: int, saved_world: int, ema: bool) -> T
 
     models = [read_tensors(directory / name) for name in MODELS]
     optimizers = [unpickle(directory / name) for name in LEGACY_OPTIMIZERS]
-    for path, loaded in zip(LEGACY_OPTIMIZERS, optimizers):
+    for path, loaded in zip(LEGACY_OPTIMIZERS, optimizers, strict=True):
         if not (isinstance(loaded, dict) and {"state", "param_groups"} <= set(loaded)):
             raise CheckpointError(f"{directory / path}: not an optimizer state")
     scaler = unpickle(directory / LEGACY_SCALER) if (directory / LEGACY_SCALER).is_file() else None

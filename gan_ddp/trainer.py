@@ -121,7 +121,16 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.run_lock = self._lock_run_dir()  # before anything reads or writes the run directory
+        try:
+            self._build(cfg)
+        except BaseException:  # in-process callers (tests, notebooks) get the lock back too
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
 
+    def _build(self, cfg: Config) -> None:
+        """Everything after the lock: threads, data, models, optimizers, evaluation, the run's counters."""
+        acc = self.accelerator
         if self.device.type == "cpu":
             # Processes sharing a machine split its cores; oversubscription costs more than it gains.
             threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world_size())
@@ -130,9 +139,11 @@ class Trainer:
 
         B = cfg.train.batch_size
         if B % self.world:
-            raise ConfigError(
+            error = ConfigError(
                 f"train.batch_size: {B} does not divide by the {self.world} processes; use a multiple of {self.world}"
             )
+            error.all_ranks = True  # every rank finds it: printed once, by rank 0 (faults.is_echo)
+            raise error
         self.local_batch = B // self.world
 
         # Data: every rank holds the uint8 tensor once (47 MB for MNIST train); batches are single index ops.
@@ -592,16 +603,18 @@ class Trainer:
 
     def _apply(self, found: Path, loaded: ckpt.TrainingState) -> None:
         """Load a checkpoint's states into the models, optimizers, scaler, EMA and this process's generators."""
-        for model, name, tensors in zip((self.G_raw, self.D_raw), ckpt.MODELS, loaded.models):
+        for model, name, tensors in zip((self.G_raw, self.D_raw), ckpt.MODELS, loaded.models, strict=True):
             try:
                 model.load_state_dict(tensors)
             except RuntimeError as exc:
                 raise ckpt.CheckpointError(f"{found / name}: does not fit the model ({one_line(exc)[:200]})") from None
-        for opt, name, state in zip((self.opt_g, self.opt_d), ckpt.OPTIMIZERS, loaded.optimizers):
+        for opt, name, state in zip((self.opt_g, self.opt_d), ckpt.OPTIMIZERS, loaded.optimizers, strict=True):
             try:
                 opt.optimizer.load_state_dict(state)
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-                raise ckpt.CheckpointError(f"{found / name}: does not fit the optimizer ({one_line(exc)[:200]})") from None
+                raise ckpt.CheckpointError(
+                    f"{found / name}: does not fit the optimizer ({one_line(exc)[:200]})"
+                ) from None
         scaler = self.accelerator.scaler
         if scaler is not None and loaded.scaler is not None:  # fp16 then and now (a change of precision: a note)
             scaler.load_state_dict(loaded.scaler)
