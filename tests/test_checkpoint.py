@@ -198,32 +198,3 @@ def test_offline_training_falls_back_records_the_data_and_never_switches(tmp_pat
     assert "data.root=bundled data.split=test" in message and "new run.dir" in message
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert train_inproc(run, "data.root=bundled", "data.split=test", "train.steps=30") == 0  # the fix it names
-
-
-def test_below_torch_2_4_pickle_imports_are_vetted_before_anything_loads(tmp_path, monkeypatch):
-    """Accelerate loads optimizer and RNG pickles with a plain torch.load below torch 2.4 (the K80 stack): the
-    checkpoint's pickles are then read opcode by opcode first, and any import outside tensors, storages,
-    ordered dicts and numpy arrays is refused before it can run."""
-    import os
-
-    import torch
-
-    from gan_ddp import compat
-
-    run = tmp_path / "run"
-    assert train_inproc(run, "train.steps=10") == 0
-    checkpoint = newest_checkpoint(run)
-    monkeypatch.setattr(compat, "safe_load_allowlist", lambda version=None: False)
-    ckpt.check_loadable(checkpoint, world_size=1)  # what torch.save and Accelerate write passes
-
-    marker = tmp_path / "code-ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"state": Payload(), "param_groups": []}, checkpoint / "optimizer.bin")
-    with pytest.raises(ckpt.CheckpointError) as excinfo:
-        ckpt.check_loadable(checkpoint, world_size=1)
-    assert "fails safe loading" in str(excinfo.value) and "GLOBAL posix.system" in str(excinfo.value)
-    assert not marker.exists()
