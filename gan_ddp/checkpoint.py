@@ -137,8 +137,30 @@ def find_latest(root: Path, warn=print) -> Path | None:
     return None
 
 
+# What a resume reads of trainer_state.json, and the JSON types it must have.
+STATE_FIELDS: dict[str, type] = {
+    "step": int,
+    "world_size": int,
+    "global_batch": int,
+    "model": dict,
+    "ema": bool,
+    "skipped": list,
+    "window": dict,
+}
+
+
 def read_state(directory: Path) -> dict[str, Any]:
-    return read_json(directory / STATE)
+    """trainer_state.json, checked for the fields a resume reads (a foreign or doctored file: one line)."""
+    path = directory / STATE
+    state = read_json(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a trainer state (a JSON object is expected) {NO_CODE}")
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: not a trainer state ({key!r} missing or not a {kind.__name__}) {NO_CODE}")
+    if state["step"] < 0 or state["world_size"] < 1:
+        raise CheckpointError(f"{path}: step {state['step']}, world_size {state['world_size']}: out of range")
+    return state
 
 
 def rotate(root: Path, keep: int) -> list[Path]:
@@ -342,7 +364,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError, SafetensorError)
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, SafetensorError)
 NO_CODE = "(read as data only: safetensors and JSON, no pickle, so nothing in it ran)"
 
 

@@ -609,6 +609,16 @@ class Trainer:
             except RuntimeError as exc:
                 raise ckpt.CheckpointError(f"{found / name}: does not fit the model ({one_line(exc)[:200]})") from None
         for opt, name, state in zip((self.opt_g, self.opt_d), ckpt.OPTIMIZERS, loaded.optimizers, strict=True):
+            # torch checks the groups' sizes, not the state's shapes: a wrong one would fail at the first step.
+            params = [p for group in opt.optimizer.param_groups for p in group["params"]]
+            for pid, slots in state["state"].items():
+                for slot, value in slots.items():
+                    if not 0 <= pid < len(params) or (
+                        torch.is_tensor(value) and value.dim() > 0 and value.shape != params[pid].shape
+                    ):
+                        raise ckpt.CheckpointError(
+                            f"{found / name}.safetensors: state.{pid}.{slot} does not fit the optimizer's parameters"
+                        )
             try:
                 opt.optimizer.load_state_dict(state)
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:

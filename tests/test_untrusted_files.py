@@ -200,6 +200,43 @@ def test_no_checkpoint_file_runs_code(pristine, tmp_path, monkeypatch, target, p
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("target", "content"),
+    [
+        ("trainer_state.json", "{}"),
+        ("trainer_state.json", '{"step": "7"}'),
+        ("trainer_state.json", "[]"),
+        ("optimizer.json", '{"state": 5, "param_groups": []}'),
+        ("optimizer_1.json", '{"state": {}, "param_groups": [{"params": ["os.system"]}]}'),
+        ("rng_0.json", '{"python": [3, [1, 2], null], "numpy": [], "torch": []}'),
+        ("rng_0.json", '{"python": "x"}'),
+        ("scaler.json", "[1, 2]"),
+    ],
+)
+def test_well_formed_json_of_the_wrong_shape_is_one_line(pristine, tmp_path, target, content):
+    """Valid JSON that is not what the file must hold: refused by the checks, not by a crash further on."""
+    checkpoint = tmp_path / pristine.name
+    shutil.copytree(pristine, checkpoint)
+    _poison(checkpoint, target, content.encode())
+    with pytest.raises(ckpt.CheckpointError) as excinfo:
+        _read_as_a_resume_does(checkpoint)
+    assert "\n" not in str(excinfo.value) and str(checkpoint / target) in str(excinfo.value)
+
+
+def test_optimizer_state_of_the_wrong_shape_is_one_line(pristine, tmp_path, capsys):
+    """Well-formed tensors of other shapes: refused at resume, not a crash at the first optimizer step."""
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / pristine.name
+    shutil.copytree(pristine, checkpoint)
+    tensors = ckpt.read_tensors(checkpoint / "optimizer.safetensors")
+    ckpt._save_tensors({k: v.flatten() if v.dim() > 1 else v for k, v in tensors.items()}, checkpoint / "o.st")
+    (checkpoint / "o.st").replace(checkpoint / "optimizer.safetensors")
+    ckpt.write_manifest(checkpoint)
+    code, _, err = cli_inproc(train_cmd(run, "train.steps=20"), capsys)
+    assert code == 2
+    assert "optimizer.safetensors: state." in one_error_line(err) and "does not fit" in err
+
+
 @pytest.mark.parametrize("target", CHECKPOINT_FILES)
 def test_resume_from_a_poisoned_checkpoint_is_one_line(pristine, tmp_path, capsys, target):
     """End to end through `gan-ddp train`: one `error:` line naming the file, exit 2, no code run."""
