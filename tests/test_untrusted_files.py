@@ -252,19 +252,28 @@ def test_resume_from_a_poisoned_checkpoint_is_one_line(pristine, tmp_path, capsy
     assert not marker.exists()
 
 
-def test_a_poisoned_checkpoint_under_auto_resume_is_one_line_in_a_fresh_process(pristine, tmp_path):
-    """As a user runs it: a subprocess, so that any warning torch or numpy printed would show before our line."""
+@pytest.mark.parametrize("target", ["optimizer.safetensors", "optimizer.bin"])
+def test_a_poisoned_checkpoint_under_auto_resume_is_one_line_in_a_fresh_process(pristine, tmp_path, target):
+    """As a user runs it: a subprocess, so that any warning torch or numpy printed would show before our line.
+    optimizer.bin: a checkpoint of an earlier version, read by torch's restricted unpickler or refused unread."""
     from _runs import single
 
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / pristine.name
     shutil.copytree(pristine, checkpoint)
+    if target == "optimizer.bin":
+        _as_format_1(checkpoint)
     marker = tmp_path / "code-ran"
-    _poison(checkpoint, "optimizer.safetensors", torch_legacy(marker))
+    _poison(checkpoint, target, torch_legacy(marker))
     proc = single(train_cmd(run, "train.steps=20"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
-    assert str(checkpoint / "optimizer.safetensors") in line and "no pickle" in line
+    if target == "optimizer.bin" and not compat.weights_only_is_safe():
+        assert str(checkpoint) in line and "nothing in it was read" in line
+    elif target == "optimizer.bin":
+        assert str(checkpoint / target) in line and "restricted unpickler" in line
+    else:
+        assert str(checkpoint / target) in line and "no pickle" in line
     assert not marker.exists()
 
 
