@@ -300,10 +300,6 @@ def test_wgan_gp_with_dcgan_batchnorm_is_refused(tmp_path: Path) -> None:
     assert "model.d_batchnorm" in config_error(path)
 
 
-def test_an_empty_file_is_all_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "")) == Config()
-
-
 # Bugs found while writing these tests (see the report): strict xfails, so a fix turns them into failures
 # that ask for the marker to go.
 
