@@ -2,7 +2,7 @@
 
 Reading order: `Trainer.__init__` (wiring), `d_step` / `g_step` (the GAN), `train` (loop, logging,
 checkpoints, stopping). Rank discipline: every process runs every collective (`reduce`, `gather`,
-`save_state`, `wait_for_everyone`); only the main process writes files, prints and logs.
+checkpoint saves, `wait_for_everyone`); only the main process writes files, prints and logs.
 """
 
 from __future__ import annotations
