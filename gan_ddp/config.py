@@ -285,6 +285,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # what NumPy's seeding takes; torch's would wrap a negative one silently
+            raise ConfigError(f"seed: {self.seed} is not allowed; must be an integer in [0, 2**32)")
         loss = choices.LOSSES[self.loss.kind]
         arch = choices.ARCHS[self.model.arch]
         if loss.per_sample_penalty and "d_batchnorm" in arch.options and self.model.d_batchnorm:
@@ -353,6 +355,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except Exception as exc:  # yaml.YAMLError and friends
             raise ConfigError(f"{path}: not valid YAML: {one_line(exc, first_line=True)}") from None
         top = yaml.safe_load(path.read_text())
+        if top is None:  # an empty file (or only comments): surely not the config that was meant
+            raise ConfigError(f"{path}: the file is empty; a config sets at least one section (see configs/)")
         if (top is not None and not isinstance(top, dict)) or any(v is None for v in (top or {}).values()):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (seed, run, data, train, ...)")
         try:

@@ -80,11 +80,8 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     out.update({f"D.{k}": v for k, v in load_file(ckpt / "model_1.safetensors").items()})
     if (ckpt / "ema.safetensors").exists():
         out.update({f"EMA.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()})
-    for name in ("optimizer.bin", "optimizer_1.bin"):
-        state = torch.load(ckpt / name, weights_only=True)
-        for pid, slots in state["state"].items():
-            for slot, value in slots.items():
-                out[f"{name}.{pid}.{slot}"] = torch.as_tensor(value)
+    for name in ("optimizer", "optimizer_1"):  # state tensors as `state.<param id>.<slot>`
+        out.update({f"{name}.{k}": v for k, v in load_file(ckpt / f"{name}.safetensors").items()})
     return out
 
 

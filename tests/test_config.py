@@ -300,10 +300,6 @@ def test_wgan_gp_with_dcgan_batchnorm_is_refused(tmp_path: Path) -> None:
     assert "model.d_batchnorm" in config_error(path)
 
 
-def test_an_empty_file_is_all_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "")) == Config()
-
-
 # Bugs found while writing these tests (see the report): strict xfails, so a fix turns them into failures
 # that ask for the marker to go.
 
@@ -394,3 +390,13 @@ def test_compile_mode_is_a_choice_and_needs_compile() -> None:
     assert "train.compile_mode: 'cudagraphs' is not allowed" in message and "reduce-overhead" in message
     message = config_error(None, ["train.compile_mode=reduce-overhead"])
     assert message == "train.compile_mode: reduce-overhead needs train.compile=true"
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_seed_out_of_range_is_refused(seed):
+    assert f"seed: {seed} is not allowed" in config_error(None, [f"seed={seed}"])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    assert "the file is empty" in config_error(write(tmp_path, text))

@@ -63,10 +63,7 @@ def test_two_processes_identical_weights_and_global_metrics(tmp_path):
     assert lines and all(m["world_size"] == 2 for m in lines)
     assert [m["step"] for m in lines] == [2, 4, 6, 8, 9]
     # One process wrote files: one config, grids named by step, checkpoints with one RNG file per rank.
-    assert {p.name for p in newest_checkpoint(run).glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
+    assert {p.name for p in newest_checkpoint(run).glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}
 
 
 def test_consistency_check_names_the_differing_tensor(tmp_path):

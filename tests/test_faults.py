@@ -240,8 +240,16 @@ def test_run_dir_below_a_file_is_one_line_exit_74(tmp_path, capsys):
     assert str(tmp_path / "file") in line and "not a directory" in line and "ENOTDIR" in line
 
 
+def test_run_dir_that_is_a_file_is_one_line_exit_74(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli_inproc(train_cmd(tmp_path / "file"), capsys)
+    assert code == faults.EXIT_IO
+    assert one_error_line(err) == f"error: {tmp_path / 'file'}: is a file, not a directory (ENOTDIR)"
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def _raise_in_save(kind: str):
-    """A failure as the library reports it, from inside accelerator.save_state at the second checkpoint."""
+    """A failure as the library reports it, from inside a checkpoint's save at the second checkpoint."""
     from safetensors import SafetensorError
 
     def fail(path):
@@ -266,10 +274,8 @@ def _raise_in_save(kind: str):
      ("torch-ENOSPC", "disk full")],
 )  # fmt: skip
 def test_write_failure_during_a_checkpoint(tmp_path, capsys, monkeypatch, kind, words):
-    import accelerate.utils.other as acc_other
-
     run = tmp_path / "run"
-    real_save, fail = acc_other.safe_save_file, _raise_in_save(kind)
+    real_save, fail = ckpt.save_file, _raise_in_save(kind)
     calls = []
 
     def flaky(tensors, filename, *args, **kwargs):
@@ -278,7 +284,7 @@ def test_write_failure_during_a_checkpoint(tmp_path, capsys, monkeypatch, kind, 
             fail(filename)
         return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(acc_other, "safe_save_file", flaky)
+    monkeypatch.setattr(ckpt, "save_file", flaky)
     if kind == "torch-ENOSPC":  # no errno in torch's message: the free space decides
 
         class Full:
@@ -300,24 +306,30 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("target", ["optimizer.safetensors", "rng_0.json", "rng_0.json missing"])
 def test_checkpoint_file_failing_safe_loading_is_refused(tmp_path, capsys, target):
+    """A pickle where a checkpoint holds tensors, an unreadable or missing RNG file (exact resume needs every
+    process's): one line naming the file, exit 2, even with a manifest that matches. tests/test_untrusted_files.py
+    puts every payload form in every file."""
     run = tmp_path / "run"
     assert train_inproc(run, "train.steps=10") == 0
     checkpoint = newest_checkpoint(run)
     marker = tmp_path / "code-ran"
-    if target == "optimizer.bin":  # a pickle that would run a command, in a checkpoint whose manifest matches
+    name = target.split()[0]
+    if target == "optimizer.safetensors":  # a pickle that would run a command
         payload = _Payload()
         payload.marker = marker
-        torch.save({"state": payload}, checkpoint / target)
-    else:  # an unreadable RNG file: Accelerate alone skips it silently and exactness is lost
-        (checkpoint / target).write_bytes(pickle.dumps({"random_state": None})[:10])
+        torch.save({"state": payload}, checkpoint / name)
+    elif target == "rng_0.json":
+        (checkpoint / name).write_bytes(pickle.dumps({"random_state": None})[:10])
+    else:
+        (checkpoint / name).unlink()
     ckpt.write_manifest(checkpoint)
     code, _, err = cli_inproc(train_cmd(run, "train.steps=20"), capsys)
     assert code == 2
     line = one_error_line(err)
-    assert str(checkpoint / target) in line and "fails safe loading" in line
-    assert target != "optimizer.bin" or "GLOBAL posix.system" in line  # the refused global, named
+    assert (str(checkpoint / name) if "missing" not in target else f"{checkpoint}: {name} is missing") in line
+    assert "missing" in target or "read as data only" in line  # what was checked: no unpickler ran
     assert not marker.exists(), "the pickle ran code"
 
 
@@ -543,3 +555,85 @@ def test_metrics_lines_are_strict_json():
         '{"step": 5, "loss/d": null, "loss/g": null, "score/real": 0.5, "lr/d": 1000000000000.0}'
     )
     assert nonfinite_metric(metrics) == "loss/d" and nonfinite_metric({"loss/d": 1.0}) is None
+
+
+# ---------------------------------------------------------------------------------------------- start-up signals
+@pytest.mark.parametrize(
+    ("signum", "after_s", "code"),
+    [(signal.SIGTERM, 1.0, 75), (signal.SIGTERM, 5.0, 75), (signal.SIGUSR1, 1.5, 75), (signal.SIGINT, 1.0, 130)],
+    ids=["SIGTERM at import", "SIGTERM at set-up", "SIGUSR1", "Ctrl-C"],
+)
+def test_signal_during_start_up_is_one_line_and_a_documented_code(tmp_path, signum, after_s, code):
+    """A job cancelled right after it starts: imports, data, models. Before the loop's own handlers exist,
+    a stop signal ends the process at once with one line and 75 (run again) or 130 (Ctrl-C); run.lock is free."""
+    import fcntl
+
+    run = tmp_path / "run"
+    # Set-up made long on any machine: the evaluator (eval.every) is trained first, into an empty cache.
+    proc = popen_train(run, *LONG, "eval.every=1000", f"eval.cache_dir={tmp_path / 'cache'}")
+    time.sleep(after_s)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stdout[-2000:] + stderr[-2000:]
+    line = one_error_line(stderr)
+    assert ("interrupted (Ctrl-C)" if code == 130 else f"stopped by {signal.Signals(signum).name}") in line
+    if (run / "run.lock").exists():  # the lock went with the process
+        with open(run / "run.lock") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_only_the_command_installs_signal_handlers():
+    assert faults.running_as_command(["/usr/bin/gan-ddp", "train"], [])
+    assert faults.running_as_command(["-m"], ["python", "-u", "-m", "gan_ddp", "train"])
+    assert not faults.running_as_command(["-m"], ["python", "-m", "pytest", "tests"])
+    assert not faults.running_as_command(["train.py"], ["python", "train.py"])
+
+
+# ---------------------------------------------------------------------------------------------- metrics.jsonl
+def _training_steps(run: Path) -> list[int]:
+    steps = [m["step"] for m in metric_lines(run) if "loss/d" in m]
+    assert steps == sorted(set(steps)), f"duplicated or out-of-order steps: {steps}"
+    return steps
+
+
+def test_metrics_agree_with_the_state_on_every_restart_path(tmp_path, capsys):
+    """Killed before its first checkpoint, then every checkpoint corrupt: each start from step 0 leaves
+    metrics.jsonl without a step twice (the earlier lines are moved aside, not lost). Resume and rollback:
+    test_resume_is_exact_mid_epoch, test_rollback_policy."""
+    from _runs import single
+
+    run = tmp_path / "run"
+    overrides = ("train.steps=30", "checkpoint.every=1000", "log.every=5")
+    killed = single(train_cmd(run, *overrides), env=base_env(**{ckpt.CRASH_ENV: "30"}))  # dies in its only save
+    assert killed.returncode == 137 and not ckpt.find_latest(run / "checkpoints")
+    assert _training_steps(run) == [5, 10, 15, 20, 25, 30]
+    capsys.readouterr()
+    assert train_inproc(run, *overrides) == 0
+    assert "moved to metrics.jsonl.discarded" in capsys.readouterr().out
+    assert _training_steps(run) == [5, 10, 15, 20, 25, 30]
+    assert len((run / "metrics.jsonl.discarded").read_text().splitlines()) == 6
+
+    for checkpoint in ckpt.list_checkpoints(run / "checkpoints"):  # every checkpoint corrupt: from step 0 again
+        (checkpoint / "model.safetensors").write_bytes(b"corrupt")
+    assert train_inproc(run, "train.steps=35", "checkpoint.every=1000", "log.every=5") == 0
+    assert "skipping checkpoint" in capsys.readouterr().out
+    assert _training_steps(run) == [5, 10, 15, 20, 25, 30, 35]
+
+
+def test_changed_settings_on_resume_are_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_inproc(run, "train.steps=10") == 0
+    capsys.readouterr()
+    assert train_inproc(run, "train.steps=12", "loss.kind=hinge", "model.dropout=0.1", "ema.decay=0.5") == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "other settings" in line]
+    assert len(notes) == 1
+    for part in ("ema.decay 0.9 -> 0.5", "loss.kind 'bce' -> 'hinge'", "model.dropout 0.3 -> 0.1"):
+        assert part in notes[0]
+
+
+@pytest.mark.multiprocess
+def test_batch_that_does_not_divide_is_reported_once(tmp_path):
+    proc = torchrun(2, train_cmd(tmp_path / "run", "train.batch_size=63"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count("error: train.batch_size: 63 does not divide by the 2 processes") == 1, output[-3000:]

@@ -13,7 +13,7 @@ from torch import nn
 
 from gan_ddp.components.models import build_models
 from gan_ddp.config import Config, config_from_dict
-from gan_ddp.errors import MissingRunFileError
+from gan_ddp.errors import ConfigError, MissingRunFileError, one_line
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import guard
 
@@ -36,8 +36,6 @@ def load_generator_from_run(
 ) -> tuple[nn.Module, Config, Path]:
     """(G in eval mode on CPU, config, checkpoint dir): the newest complete checkpoint unless one is named.
     With `use_ema`, the generator EMA's weights where the run kept one, else the raw generator's."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     if checkpoint is None:
@@ -47,12 +45,17 @@ def load_generator_from_run(
     else:
         ckpt.verify(checkpoint)
     generator, _ = build_models(cfg.model)
-    ema = ckpt.load_ema(checkpoint) if use_ema else None
+    ema = ckpt.load_ema(checkpoint) if use_ema else None  # safetensors only: reading it runs no code
     if ema is not None:
-        prefix = "ema.shadow."
-        generator.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
+        prefix, path = "ema.shadow.", checkpoint / ckpt.EMA
+        weights = {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}
     else:
-        generator.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        path = checkpoint / ckpt.MODELS[0]
+        weights = ckpt.read_tensors(path)
+    try:
+        generator.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{path}: does not fit the run's generator ({one_line(exc)[:200]})") from None
     names, bad = guard.nonfinite_tensors({"G": generator})
     if bool(bad.any()):  # written before the divergence guard existed: it would give blank images
         raise ckpt.CheckpointError(
@@ -67,4 +70,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise MissingRunFileError(f"{path} not found: is this a gan-ddp run directory?")
-    return OmegaConf.to_container(OmegaConf.load(path))  # type: ignore[return-value]
+    try:  # OmegaConf reads YAML with a safe loader: a `!!python/...` tag is an error, never a call
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml.YAMLError, OmegaConf's own errors, a decoding error
+        raise ConfigError(f"{path}: not a readable run config ({one_line(exc)[:200]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: not a run config (a YAML mapping is expected)")
+    return loaded  # type: ignore[return-value]

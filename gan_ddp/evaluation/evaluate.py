@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,8 +74,9 @@ def evaluate_samples(
     return metrics_against(features, probs, real_stats)
 
 
-def score_npz(path: str | Path, evaluator: MnistEvaluator, real_stats: RealStats) -> dict[str, float | int]:
-    """Metrics of a ``gan-ddp sample --out FILE.npz`` file: ``arr_0`` uint8 (N, 28, 28, 1), N >= 2."""
+def read_samples_npz(path: str | Path) -> np.ndarray:
+    """``arr_0`` of a ``gan-ddp sample --out FILE.npz`` file, uint8 (N, 28, 28, 1), N >= 2; DataError naming the
+    file otherwise. Read without pickles (`allow_pickle=False`): an object array is refused, never unpickled."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -85,16 +85,24 @@ def score_npz(path: str | Path, evaluator: MnistEvaluator, real_stats: RealStats
                     f"{path}: no arr_0 array (found {', '.join(npz.files) or 'none'}); expected uint8 (N, 28, 28, 1)"
                 )
             array = npz["arr_0"]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path}: not a readable .npz file ({one_line(exc)})") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # a parser of foreign bytes: zipfile, zlib, numpy's header (ast), short reads
+        why = one_line(exc)[:200]
+        if "pickle" in why:  # numpy's advice ("if you trust the file ... allow_pickle") is not ours to give
+            why = "neither a zip of arrays nor an array: numpy would read it as a pickle, which is never loaded"
+        raise DataError(f"{path}: not a readable .npz file ({why})") from None
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (28, 28, 1) or array.shape[0] < 2:
         raise DataError(
             f"{path}: arr_0 is {array.dtype} {tuple(array.shape)}; expected uint8 (N, 28, 28, 1) with N >= 2 "
             "(the format `gan-ddp sample --out FILE.npz` writes)"
         )
-    return evaluate_samples(evaluator, array, real_stats)
+    return array
+
+
+def score_npz(path: str | Path, evaluator: MnistEvaluator, real_stats: RealStats) -> dict[str, float | int]:
+    """Metrics of a ``gan-ddp sample --out FILE.npz`` file: ``arr_0`` uint8 (N, 28, 28, 1), N >= 2."""
+    return evaluate_samples(evaluator, read_samples_npz(path), real_stats)
 
 
 # ------------------------------------------------------------------------------ generation, distributed
@@ -217,10 +225,11 @@ def run_eval(args: Any) -> int:
     if args.all_checkpoints:
         return _eval_all_checkpoints(args)
     if args.samples is not None:
+        samples = read_samples_npz(args.samples)  # a bad file is refused before minutes of evaluator training
         real = _command_line_data(args)
         evaluator, info = load_or_train_evaluator(real, args.cache_dir, kind=args.evaluator)
         stats = load_or_compute_real_stats(evaluator, real, args.cache_dir)
-        metrics = score_npz(args.samples, evaluator, stats)
+        metrics = evaluate_samples(evaluator, samples, stats)
         source, is_main = str(args.samples), True
     else:
         from gan_ddp.components.rundir import load_generator_from_run

@@ -1,12 +1,19 @@
 """Atomic, complete, verifiable checkpoints.
 
-Layout: `<run>/checkpoints/step_XXXXXXXX/` holds what `accelerator.save_state` writes (G and D in
-safetensors, both optimizers, the gradient scaler, one RNG file per process), `ema.safetensors` when the
-generator EMA is on, `trainer_state.json` (step, data position, model signature, tracker id), and last
-`manifest.json` (size and sha256 of every file). Everything is written into a `.tmp-*` sibling first and
-renamed only when every process is done and the manifest is on disk, so a directory named `step_*` with a
-manifest that matches its files is complete. Loading never unpickles code: safetensors for weights and
-`torch.load(weights_only=True)` (inside Accelerate) for optimizer and RNG state.
+Layout of `<run>/checkpoints/step_XXXXXXXX/` (format 2): no pickles at all. Tensors are in safetensors
+(`model.safetensors` G, `model_1.safetensors` D, `ema.safetensors`, `optimizer.safetensors` and
+`optimizer_1.safetensors` the optimizers' state tensors), everything else in JSON (`optimizer*.json` their
+hyper-parameters and step counts, `scaler.json` the fp16 gradient scaler, `rng_<rank>.json` each process's
+Python, NumPy, torch and CUDA generator states as integer lists, `trainer_state.json` step, data position,
+model signature, and last `manifest.json` with the size and sha256 of every file). Everything is written into
+a `.tmp-*` sibling first and renamed only when every process is done and the manifest is on disk, so a
+directory named `step_*` with a manifest that matches its files is complete.
+
+Why our own files rather than `accelerator.save_state`: Accelerate pickles the optimizers, the scaler and the
+RNG states, and below torch 2.4 (the K80 stack) loads them with a plain, code-running `torch.load`. A
+safetensors file is a JSON header and raw bytes, and JSON is data: reading a checkpoint from a stranger can
+fail, but never runs code, on any torch. Checkpoints of earlier versions (format 1: Accelerate's pickles) are
+read only with torch's restricted unpickler, and only on torch >= 2.6 (`compat.weights_only_is_safe`).
 """
 
 from __future__ import annotations
@@ -15,8 +22,13 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from gan_ddp.errors import GanDdpError
 from gan_ddp.runtime import compat
@@ -24,6 +36,13 @@ from gan_ddp.runtime.fsutil import atomic_write
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+FORMAT = 2  # trainer_state.json's "format"; checkpoints without it are format 1 (Accelerate's pickles)
+MODELS = ("model.safetensors", "model_1.safetensors")  # G, D: the names Accelerate's save_state used
+OPTIMIZERS = ("optimizer", "optimizer_1")  # + .safetensors (state tensors) and .json (everything else)
+SCALER = "scaler.json"
+EMA = "ema.safetensors"
+LEGACY_OPTIMIZERS = ("optimizer.bin", "optimizer_1.bin")
+LEGACY_SCALER = "scaler.pt"
 PREFIX = "step_"
 # Fault injection for tests: die (as `kill -9` would) after the first files of a checkpoint are written.
 CRASH_ENV = "GAN_DDP_TEST_CRASH_IN_SAVE"
@@ -55,6 +74,16 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Inside a `.tmp-*` checkpoint directory (atomic as a whole): a plain write. Floats are written as
+    Python's repr, which reads back to the same double."""
+    path.write_text(json.dumps(data, separators=(",", ":")))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def write_manifest(directory: Path) -> None:
@@ -108,8 +137,30 @@ def find_latest(root: Path, warn=print) -> Path | None:
     return None
 
 
+# What a resume reads of trainer_state.json, and the JSON types it must have.
+STATE_FIELDS: dict[str, type] = {
+    "step": int,
+    "world_size": int,
+    "global_batch": int,
+    "model": dict,
+    "ema": bool,
+    "skipped": list,
+    "window": dict,
+}
+
+
 def read_state(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / STATE).read_text())
+    """trainer_state.json, checked for the fields a resume reads (a foreign or doctored file: one line)."""
+    path = directory / STATE
+    state = read_json(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a trainer state (a JSON object is expected) {NO_CODE}")
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: not a trainer state ({key!r} missing or not a {kind.__name__}) {NO_CODE}")
+    if state["step"] < 0 or state["world_size"] < 1:
+        raise CheckpointError(f"{path}: step {state['step']}, world_size {state['world_size']}: out of range")
+    return state
 
 
 def rotate(root: Path, keep: int) -> list[Path]:
@@ -131,8 +182,19 @@ def clean_temporaries(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensors: dict[str, Any] | None) -> Path:
-    """Collective: every process must call it. Returns the final directory.
+def save(
+    accelerator,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    extra_tensors: dict[str, Any] | None,
+    models: tuple[torch.nn.Module, ...] = (),
+    optimizers: tuple[torch.optim.Optimizer, ...] = (),
+    scaler: Any = None,
+) -> Path:
+    """Collective: every process must call it. Returns the final directory. `models` (G, D, unwrapped),
+    `optimizers` (theirs) and `scaler` (fp16's, or None) are written by the main process, each process's
+    RNG states by itself; `extra_tensors` is the EMA.
 
     A failure while writing (disk full, read-only filesystem, permissions) removes the half-written
     `.tmp-*` directory and raises an OSError that names it and its errno, whatever the library that
@@ -141,7 +203,7 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensor
 
     tmp = root / f".tmp-{step_dir_name(step)}"
     try:
-        return _save(accelerator, root, step, state, extra_tensors)
+        return _save(accelerator, root, step, state, extra_tensors, models, optimizers, scaler)
     except BaseException as exc:
         error = as_os_error(exc, tmp) if isinstance(exc, Exception) else None  # reads free space: before cleaning
         if accelerator.is_main_process:
@@ -151,22 +213,29 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensor
         raise error from exc
 
 
-def _save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tensors: dict[str, Any] | None) -> Path:
-    from safetensors.torch import save_file
-
+def _save(accelerator, root, step, state, extra_tensors, models, optimizers, scaler) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        for model, name in zip(models, MODELS, strict=True):
+            _save_tensors(model.state_dict(), tmp / name)
+        for optimizer, name in zip(optimizers, OPTIMIZERS, strict=True):
+            tensors, rest = split_optimizer_state(optimizer.state_dict())
+            _save_tensors(tensors, tmp / f"{name}.safetensors")
+            write_json(tmp / f"{name}.json", rest)
+        if scaler is not None:
+            write_json(tmp / SCALER, scaler.state_dict())
+    write_json(tmp / rng_name(accelerator.process_index), rng_state())
     if os.environ.get(CRASH_ENV) == str(step):
         os._exit(137)  # the test's `kill -9` in the middle of a save, deterministic
     if accelerator.is_main_process:
         if extra_tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, tmp / "ema.safetensors")
-        write_json_atomic(tmp / STATE, state)
+            _save_tensors(extra_tensors, tmp / EMA)
+        write_json(tmp / STATE, {**state, "format": FORMAT})
     accelerator.wait_for_everyone()  # every process's RNG file is on disk
     if accelerator.is_main_process:
         write_manifest(tmp)
@@ -178,95 +247,243 @@ def _save(accelerator, root: Path, step: int, state: dict[str, Any], extra_tenso
     return final
 
 
-def load_ema(directory: Path) -> dict[str, Any] | None:
-    from safetensors.torch import load_file
-
-    path = directory / "ema.safetensors"
-    return load_file(path) if path.is_file() else None
+def load_ema(directory: Path) -> dict[str, torch.Tensor] | None:
+    path = directory / EMA
+    return read_tensors(path) if path.is_file() else None
 
 
-def check_loadable(directory: Path, world_size: int) -> None:
-    """Raise CheckpointError naming the file unless every pickled state loads under torch's safe loader
-    (`weights_only=True`, with the numpy types Accelerate allows) and each of the `world_size` processes
-    finds its RNG file. Accelerate itself skips an unreadable RNG file with an info-level log: the run
-    would resume, but no longer exactly. Every rank runs this on the same files and raises alike."""
-    from accelerate.utils import load
+def rng_name(rank: int) -> str:
+    return f"rng_{rank}.json"
 
-    for path in sorted([*directory.glob("*.bin"), *directory.glob("*.pkl")]):
+
+# ------------------------------------------------------------------------------ state <-> files
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state_dict as (tensors for safetensors, the rest for JSON). A tensor's key says where
+    it goes back: `state.<param id>.<slot>` or `param_groups.<index>.<key>`."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"state": {}, "param_groups": []}
+    for pid, slots in state["state"].items():
+        rest["state"][str(pid)] = {}
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{slot}"] = value
+            else:
+                rest["state"][str(pid)][slot] = value
+    for i, group in enumerate(state["param_groups"]):
+        plain = {}
+        for key, value in group.items():
+            if torch.is_tensor(value):
+                tensors[f"param_groups.{i}.{key}"] = value
+            else:
+                plain[key] = list(value) if isinstance(value, tuple) else value
+        rest["param_groups"].append(plain)
+    return tensors, rest
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `split_optimizer_state`; ValueError/KeyError/TypeError for anything malformed."""
+    state = {int(pid): dict(slots) for pid, slots in rest["state"].items()}
+    groups = [
+        {k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in group.items()}
+        for group in rest["param_groups"]
+    ]
+    for key, value in tensors.items():
+        where, index, name = key.split(".", 2)
+        if where == "state":
+            state.setdefault(int(index), {})[name] = value
+        elif where == "param_groups":
+            groups[int(index)][name] = value
+        else:
+            raise ValueError(f"unexpected tensor {key!r}")
+    for group in groups:
+        if not all(isinstance(p, int) for p in group["params"]):
+            raise ValueError("param_groups' params are not parameter indices")
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators as JSON-ready integer lists: what an exact resume needs (dropout and
+    anything else drawing from the global generators; the noise and the data order are seeded per step)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _rng_from_json(state: dict[str, Any]) -> dict[str, Any]:
+    """Check and convert `rng_state`'s JSON into the values the generators take (raises on anything else)."""
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if not (isinstance(version, int) and len(internal) == 625 and all(isinstance(i, int) for i in internal)):
+        raise ValueError("python: not a random.getstate()")
+    cpu = torch.tensor(state["torch"], dtype=torch.uint8)
+    return {
+        "python": (version, tuple(internal), None if gauss is None else float(gauss)),
+        "numpy": (str(name), np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
+        "torch": cpu,
+        "cuda": [torch.tensor(s, dtype=torch.uint8) for s in state.get("cuda", [])],
+    }
+
+
+def _rng_from_accelerate(states: dict[str, Any]) -> dict[str, Any]:
+    """Format 1: the dict Accelerate's save_state pickled into random_states_<rank>.pkl."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = states["numpy_random_seed"]
+    version, internal, gauss = states["random_state"]
+    cuda = states.get("torch_cuda_manual_seed") or []
+    return {
+        "python": (int(version), tuple(int(i) for i in internal), gauss),
+        "numpy": (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.as_tensor(states["torch_manual_seed"], dtype=torch.uint8),
+        "cuda": [torch.as_tensor(s, dtype=torch.uint8) for s in (cuda if isinstance(cuda, list) else [cuda])],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, SafetensorError)
+NO_CODE = "(read as data only: safetensors and JSON, no pickle, so nothing in it ran)"
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON file ({_reason(exc)}) {NO_CODE}") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except READ_ERRORS as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(exc)}) {NO_CODE}") from None
+
+
+@dataclass
+class TrainingState:
+    """Everything of a checkpoint a resume applies, read and checked before anything is changed."""
+
+    models: list[dict[str, torch.Tensor]]
+    optimizers: list[dict[str, Any]]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any] | None  # this process's; None when the checkpoint had fewer processes
+    ema: dict[str, torch.Tensor] | None
+
+
+def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool) -> TrainingState:
+    """Read a checkpoint (verified before) for process `rank`; CheckpointError naming the file that is
+    missing or malformed. No file is given to an unpickler, except format 1's, to torch's restricted one."""
+    state = read_state(directory)
+    fmt = state.get("format", 1) if isinstance(state, dict) else None
+    if fmt == 1:
+        return _load_format_1(directory, rank, saved_world, ema)
+    if fmt != FORMAT:
+        raise CheckpointError(f"{directory / STATE}: checkpoint format {fmt!r}; this gan-ddp reads {FORMAT}")
+
+    def need(name: str) -> Path:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        return path
+
+    models = [read_tensors(need(name)) for name in MODELS]
+    optimizers = []
+    for name in OPTIMIZERS:
+        tensors, rest = read_tensors(need(f"{name}.safetensors")), read_json(need(f"{name}.json"))
         try:
-            if not compat.safe_load_allowlist():
-                # Accelerate's `load` (and so `load_state`) falls back to a plain, code-running torch.load
-                # below torch 2.4: read the pickle's imports ourselves before anything unpickles it.
-                _check_pickle_globals(path)
-            loaded = load(path, map_location="cpu")
+            optimizers.append(join_optimizer_state(tensors, rest))
+        except READ_ERRORS as exc:
+            raise CheckpointError(
+                f"{directory / name}.json: not an optimizer state ({_reason(exc)}) {NO_CODE}"
+            ) from None
+    scaler = read_json(directory / SCALER) if (directory / SCALER).is_file() else None
+    if scaler is not None and not (isinstance(scaler, dict) and isinstance(scaler.get("scale", 0.0), float)):
+        raise CheckpointError(f"{directory / SCALER}: not a gradient scaler state {NO_CODE}")
+    rng = None
+    if rank < saved_world:
+        path = directory / rng_name(rank)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{directory}: {path.name} is missing (process {rank}'s RNG state; exact resume needs it)"
+            )
+        try:
+            rng = _rng_from_json(read_json(path))
+        except READ_ERRORS as exc:
+            raise CheckpointError(f"{path}: not an RNG state ({_reason(exc)}) {NO_CODE}") from None
+    ema_state = None
+    if ema:
+        ema_state = read_tensors(need(EMA))
+    return TrainingState(models, optimizers, scaler, rng, ema_state)
+
+
+def _load_format_1(directory: Path, rank: int, saved_world: int, ema: bool) -> TrainingState:
+    """A checkpoint of gan-ddp before format 2: optimizers, scaler and RNG states are Accelerate's pickles.
+    torch.load(weights_only=True) is torch's restricted unpickler (no imports beyond tensors and plain
+    containers), but before torch 2.6 it could be made to run code (CVE-2025-32434): there we refuse."""
+    if not compat.weights_only_is_safe():
+        raise CheckpointError(
+            f"{directory}: written by an earlier gan-ddp (optimizer and RNG state as pickles), which torch "
+            f"{torch.__version__} cannot read safely (torch.load weights_only=True is safe from torch 2.6), so "
+            "nothing in it was read: resume it once on the default stack (it writes the current format at the "
+            "next checkpoint), or start a new run.dir"
+        )
+
+    def unpickle(path: Path) -> Any:
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {path.name} is missing")
+        try:
+            return compat.restricted_torch_load(path)
         except Exception as exc:
             raise CheckpointError(
-                f"{path}: fails safe loading (torch.load weights_only=True): {_reason(exc)}"
+                f"{path}: refused by torch's restricted unpickler (torch.load weights_only=True): {_reason(exc)}"
             ) from None
-        if path.name.startswith("random_states_") and not (
-            isinstance(loaded, dict) and {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(loaded)
-        ):
-            raise CheckpointError(f"{path}: not a random-state file (exact resume needs every process's RNG state)")
-    for rank in range(world_size):
-        if not (directory / f"random_states_{rank}.pkl").is_file():
-            raise CheckpointError(f"{directory}: random_states_{rank}.pkl is missing (process {rank}'s RNG state)")
+
+    models = [read_tensors(directory / name) for name in MODELS]
+    optimizers = [unpickle(directory / name) for name in LEGACY_OPTIMIZERS]
+    for path, loaded in zip(LEGACY_OPTIMIZERS, optimizers, strict=True):
+        if not (isinstance(loaded, dict) and {"state", "param_groups"} <= set(loaded)):
+            raise CheckpointError(f"{directory / path}: not an optimizer state")
+    scaler = unpickle(directory / LEGACY_SCALER) if (directory / LEGACY_SCALER).is_file() else None
+    rng = None
+    if rank < saved_world:
+        path = directory / f"random_states_{rank}.pkl"
+        try:
+            rng = _rng_from_accelerate(unpickle(path))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not an RNG state ({_reason(exc)})") from None
+    ema_state = read_tensors(directory / EMA) if ema else None
+    return TrainingState(models, optimizers, scaler, rng, ema_state)
 
 
-def _allowed_global(name: str) -> bool:
-    """What torch.save and Accelerate's RNG files import: tensor and storage rebuilders, an ordered dict,
-    numpy arrays (the numpy RNG state) and the codec pickle uses for bytes. Nothing that can run a command."""
-    module, _, attr = name.rpartition(".")
-    return (
-        name in _SAFE_GLOBALS
-        or (module == "torch" and attr.endswith("Storage"))
-        or (module == "torch._utils" and attr.startswith("_rebuild_"))
-        or (module in ("numpy.core.multiarray", "numpy._core.multiarray") and attr in ("_reconstruct", "scalar"))
-    )
-
-
-_SAFE_GLOBALS = {
-    "collections.OrderedDict",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "_codecs.encode",
-    "torch.Size",
-    "torch.device",
-    "torch.storage.UntypedStorage",
-    "torch.storage._load_from_bytes",
-}
-
-
-def _check_pickle_globals(path: Path) -> None:
-    """Raise ValueError("Trying to load unsupported GLOBAL m.n") for the first import outside `_allowed_global`
-    in the pickle at `path` (or in each pickle of a torch.save zip). Reads opcodes only: nothing is executed."""
-    import io
-    import pickletools
-    import zipfile
-
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            payloads = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
-    else:
-        payloads = [path.read_bytes()]
-    for payload in payloads:
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(io.BytesIO(payload)):
-            if isinstance(arg, str) and "UNICODE" in op.name:
-                strings.append(arg)  # STACK_GLOBAL takes module and name from the two strings pushed before it
-            elif op.name in ("GLOBAL", "INST"):
-                name = str(arg).replace(" ", ".")
-            elif op.name == "STACK_GLOBAL":
-                name = ".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>"
-            else:
-                continue
-            if op.name in ("GLOBAL", "INST", "STACK_GLOBAL") and not _allowed_global(name):
-                raise ValueError(f"Trying to load unsupported GLOBAL {name}")
-
-
-def _reason(exc: Exception) -> str:
-    """The informative line of torch's multi-paragraph weights_only error ("Trying to load unsupported
-    GLOBAL posix.system ...", "Unsupported operand 149"), else its first line."""
+def _reason(exc: BaseException) -> str:
+    """The informative line of a library's multi-paragraph error (torch's weights_only error: "Trying to
+    load unsupported GLOBAL posix.system ...", "Unsupported operand 149"), else its first line, cut short."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(boilerplate)]
-    return (useful or lines or [type(exc).__name__])[0]
+    return (useful or lines or [type(exc).__name__])[0][:300]

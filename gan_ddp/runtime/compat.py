@@ -50,11 +50,26 @@ def compile_unsupported(version: str | None = None, python: tuple[int, int] | No
     return None
 
 
-def safe_load_allowlist(version: str | None = None) -> bool:
-    """torch >= 2.4 loads pickles with `weights_only=True` plus an allowlist of extra globals
-    (`add_safe_globals`), which Accelerate's `load` relies on; below it Accelerate loads with a plain,
-    code-running torch.load, so gan_ddp.runtime.checkpoint vets the pickle's imports itself first."""
-    return _version(version) >= "2.4"
+def weights_only_is_safe(version: str | None = None) -> bool:
+    """Whether `torch.load(weights_only=True)` (torch's restricted unpickler) can be trusted with a file
+    from a stranger: from torch 2.6, which fixed CVE-2025-32434 (code execution through weights_only=True
+    in torch <= 2.5.1). Only checkpoints of earlier gan-ddp versions need it; current ones hold no pickles."""
+    return _version(version) >= "2.6"
+
+
+def restricted_torch_load(path: object) -> object:
+    """torch.load with torch's restricted unpickler, allowing only the NumPy types Accelerate's RNG files
+    hold (as Accelerate itself does); torch's warnings are silenced so that our one error line stands alone.
+    Callers check `weights_only_is_safe()` first."""
+    import warnings
+
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def cudagraph_mark_step_begin() -> None:

@@ -7,21 +7,26 @@ heavy modules that raise them. The exit codes:
     2   bad input: config, data, checkpoint, launch, run.dir in use
     3   diverged: non-finite losses or weights (gan_ddp.runtime.guard)
     74  I/O error writing or reading the run directory (EX_IOERR)
-    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED)
-    130 aborted by a second Ctrl-C (no checkpoint)
+    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED), or by
+        SIGTERM/SIGUSR1 outside the training loop (start-up, shut-down): nothing to save, rerun resumes
+    130 aborted by a second Ctrl-C (no checkpoint), or a Ctrl-C outside the training loop
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
+import signal
+import sys
 from pathlib import Path
 
 EXIT_CRASH = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # gan_ddp.runtime.guard.EXIT_DIVERGED
 EXIT_IO = 74
+EXIT_PREEMPTED = 75  # trainer.EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process killed by Ctrl-C
 
 # errno -> what the user should read. Everything else keeps the system's own words.
@@ -46,6 +51,8 @@ def io_error_line(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "")
     cause = IO_CAUSES.get(exc.errno or 0) or exc.strerror or str(exc)
     path = exc.filename if exc.filename is not None else "?"
+    if exc.errno == errno.ENOTDIR and os.path.isfile(path):  # the path itself, not a component above it
+        cause = "is a file, not a directory"
     return f"{path}: {cause}{f' ({name})' if name else ''}"
 
 
@@ -128,3 +135,44 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
 def is_echo(exc: BaseException) -> bool:
     """True on ranks other than 0 for an error every rank raises together: print it once, from rank 0."""
     return bool(getattr(exc, "all_ranks", False)) and os.environ.get("RANK", "0") != "0"
+
+
+# ------------------------------------------------------------------------------ signals outside the loop
+INTERRUPTED_LINE = "interrupted (Ctrl-C); nothing was written after the newest checkpoint"
+
+
+def stopped_line(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return INTERRUPTED_LINE
+    return (
+        f"stopped by {signal.Signals(signum).name} (outside the training loop: no checkpoint to write); rerun the "
+        "same command (a training resumes from its newest checkpoint)"
+    )
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    """Before the training loop has its own handlers (imports, data, models, the process group, resuming) and
+    after it: one line from rank 0 and a documented exit code, at once. Nothing held needs a goodbye: the
+    kernel releases run.lock's flock with the process, a half-written checkpoint is a `.tmp-*` that the next
+    start removes, and atomic writes leave the old file whole. os.write/os._exit: no locks in a handler."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        os.write(2, f"error: {stopped_line(signum)}\n".encode())
+    os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+
+
+def exit_on_signals() -> None:
+    """Install `_exit_at_once` for SIGTERM, SIGUSR1 and SIGINT (without it: exit 143 and no word for
+    SIGTERM, a traceback for Ctrl-C). The trainer's loop replaces these with its stop-after-checkpoint
+    handlers and puts them back after. Main thread only, as signal.signal requires."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, _exit_at_once)
+
+
+def running_as_command(argv: list[str] | None = None, orig_argv: list[str] | None = None) -> bool:
+    """Whether this process is the `gan-ddp` command (console script or `python -m gan_ddp`, which torchrun
+    and `accelerate launch -m` run too), rather than a program that imports gan_ddp as a library."""
+    argv = sys.argv if argv is None else argv
+    orig = getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv
+    if argv and os.path.basename(argv[0]) == "gan-ddp":
+        return True
+    return any(a == "-m" and b == "gan_ddp" for a, b in itertools.pairwise(orig)) or "-mgan_ddp" in orig

@@ -67,6 +67,8 @@ def _holder(path: Path) -> str:
 def acquire(run_dir: Path, warn=print) -> RunLock | None:
     """Take the lock or raise RunLockError at once (never waits). Returns None, after a warning, on a
     filesystem that does not support locks."""
+    if run_dir.exists() and not run_dir.is_dir():  # mkdir(exist_ok=True) would say FileExistsError, errno EEXIST
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, not a directory", str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = (run_dir / LOCK_NAME).resolve()
     if str(path) in _HELD:

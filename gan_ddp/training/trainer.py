@@ -2,7 +2,7 @@
 
 Reading order: `Trainer.__init__` (wiring), `d_step` / `g_step` (the GAN), `train` (loop, logging,
 checkpoints, stopping). Rank discipline: every process runs every collective (`reduce`, `gather`,
-`save_state`, `wait_for_everyone`); only the main process writes files, prints and logs.
+checkpoint saves, `wait_for_everyone`); only the main process writes files, prints and logs.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gan_ddp.components.models import (
     model_signature,
 )
 from gan_ddp.config import Config, ConfigError, save_config
+from gan_ddp.errors import one_line
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import compat, faults, guard, runlock
 from gan_ddp.runtime.console import TrainingConsole
@@ -134,7 +135,16 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.run_lock = self._lock_run_dir()  # before anything reads or writes the run directory
+        try:
+            self._build(cfg)
+        except BaseException:  # in-process callers (tests, notebooks) get the lock back too
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
 
+    def _build(self, cfg: Config) -> None:
+        """Everything after the lock: threads, data, models, optimizers, evaluation, the run's counters."""
+        acc = self.accelerator
         if self.device.type == "cpu":
             # Processes sharing a machine split its cores; oversubscription costs more than it gains.
             threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world_size())
@@ -143,9 +153,11 @@ class Trainer:
 
         B = cfg.train.batch_size
         if B % self.world:
-            raise ConfigError(
+            error = ConfigError(
                 f"train.batch_size: {B} does not divide by the {self.world} processes; use a multiple of {self.world}"
             )
+            error.all_ranks = True  # every rank finds it: printed once, by rank 0 (faults.is_echo)
+            raise error
         self.local_batch = B // self.world
 
         # Data: every rank holds the uint8 tensor once (47 MB for MNIST train); batches are single index ops.
@@ -416,17 +428,28 @@ class Trainer:
             self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, self.step)
 
     def _rewind_metrics(self, step: int) -> None:
-        """After a resume from `step`, drop lines the interrupted run wrote past it (main process)."""
+        """metrics.jsonl agrees with the state training continues from (main process): lines past `step`
+        (written by a run that was killed, rolled back, or whose checkpoints are gone) are dropped, so the file
+        never holds a step twice or out of order. A fresh start (step 0) keeps the dropped lines aside."""
         path = self.run_dir / "metrics.jsonl"
         if not (self.is_main and path.is_file()):
             return
-        kept = []
+        kept, dropped = [], []
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError):
+                (kept if json.loads(line)["step"] <= step else dropped).append(line)
+            except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a crash
+        if not dropped:
+            return
+        if step == 0:
+            aside = path.with_name("metrics.jsonl.discarded")
+            with open(aside, "a") as f:
+                f.write("".join(line + "\n" for line in dropped))
+            self.console.print(
+                f"note: {path}: {len(dropped)} line(s) of an earlier start that left no checkpoint moved to "
+                f"{aside.name}; this run starts at step 0"
+            )
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def sample_images(
@@ -497,6 +520,7 @@ class Trainer:
             "data": self.data_info.as_dict(),
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
+            "settings": self._settings(),
         }
 
     def check_consistency(self, buffers: bool) -> int:
@@ -514,7 +538,16 @@ class Trainer:
         # The open metrics window spans the checkpoint: keep its global sums so a resume logs the same line.
         sums = self.window.reduce(self.accelerator)
         extra = {f"ema.{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else None
-        path = ckpt.save(self.accelerator, root, self.step, self._state(sums), extra)
+        path = ckpt.save(
+            self.accelerator,
+            root,
+            self.step,
+            self._state(sums),
+            extra,
+            models=(self.G_raw, self.D_raw),
+            optimizers=(self.opt_g.optimizer, self.opt_d.optimizer),
+            scaler=self.accelerator.scaler,
+        )
         if self.is_main:
             ckpt.rotate(root, self.cfg.checkpoint.keep)
         self.save_seconds = time.monotonic() - t0
@@ -523,10 +556,12 @@ class Trainer:
     def resume(self, rollback_to: Path | None = None) -> None:
         mode = self.cfg.train.resume if rollback_to is None else str(rollback_to)
         if mode == "never":
+            self._rewind_metrics(0)  # a fresh start: lines of an earlier training here describe no state we have
             return
         if mode == "auto":
             found = ckpt.find_latest(self.ckpt_root, warn=self.console.print)
-            if found is None:
+            if found is None:  # killed before its first checkpoint, or every checkpoint corrupt: from step 0
+                self._rewind_metrics(0)
                 return
         else:
             found = Path(mode)
@@ -566,15 +601,10 @@ class Trainer:
                 "weights, optimizers and the data order continue exactly (they depend on the global batch); "
                 "per-process random streams (dropout) do not match an unbroken run"
             )
-        # Accelerate would skip an unreadable RNG file silently, and a pickle refused by weights_only would
-        # surface as a traceback: check every file first, naming it.
-        ckpt.check_loadable(found, min(state["world_size"], self.world))
-        self.accelerator.load_state(str(found))
-        if self.ema is not None:
-            ema_state = ckpt.load_ema(found)
-            if ema_state is None:
-                raise ckpt.CheckpointError(f"{found}: ema.safetensors is missing")
-            self.ema.load_state_dict({k[len("ema.") :]: v.to(self.device) for k, v in ema_state.items()})
+        # Every file is read and checked before anything changes: a bad one is one line naming it.
+        loaded = ckpt.load_training_state(found, self.rank, state["world_size"], ema=self.ema is not None)
+        self._apply(found, loaded)
+        self._note_changed_settings(found, state)
         self.step = state["step"]
         self.skipped = torch.tensor(state["skipped"], dtype=torch.int64, device=self.device)
         self.time_before = float(state.get("time_s", 0.0))
@@ -584,6 +614,69 @@ class Trainer:
         self.window.load(state["window"], state["world_size"], holds_sums=self.is_main)
         self._rewind_metrics(self.step)
         self.console.print(f"resumed from {found} (step {self.step})")
+
+    def _apply(self, found: Path, loaded: ckpt.TrainingState) -> None:
+        """Load a checkpoint's states into the models, optimizers, scaler, EMA and this process's generators."""
+        for model, name, tensors in zip((self.G_raw, self.D_raw), ckpt.MODELS, loaded.models, strict=True):
+            try:
+                model.load_state_dict(tensors)
+            except RuntimeError as exc:
+                raise ckpt.CheckpointError(f"{found / name}: does not fit the model ({one_line(exc)[:200]})") from None
+        for opt, name, state in zip((self.opt_g, self.opt_d), ckpt.OPTIMIZERS, loaded.optimizers, strict=True):
+            # torch checks the groups' sizes, not the state's shapes: a wrong one would fail at the first step.
+            params = [p for group in opt.optimizer.param_groups for p in group["params"]]
+            for pid, slots in state["state"].items():
+                for slot, value in slots.items():
+                    if not 0 <= pid < len(params) or (
+                        torch.is_tensor(value) and value.dim() > 0 and value.shape != params[pid].shape
+                    ):
+                        raise ckpt.CheckpointError(
+                            f"{found / name}.safetensors: state.{pid}.{slot} does not fit the optimizer's parameters"
+                        )
+            try:
+                opt.optimizer.load_state_dict(state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise ckpt.CheckpointError(
+                    f"{found / name}: does not fit the optimizer ({one_line(exc)[:200]})"
+                ) from None
+        scaler = self.accelerator.scaler
+        if scaler is not None and loaded.scaler is not None:  # fp16 then and now (a change of precision: a note)
+            scaler.load_state_dict(loaded.scaler)
+        if self.ema is not None and loaded.ema is not None:
+            self.ema.load_state_dict({k[len("ema.") :]: v.to(self.device) for k, v in loaded.ema.items()})
+        if loaded.rng is not None:
+            ckpt.set_rng_state(loaded.rng)
+
+    def _note_changed_settings(self, found: Path, state: dict[str, Any]) -> None:
+        """One note naming the settings that change the training (not the shapes: refused before) and differ
+        from the checkpoint's; the run goes on with the config's. Learning rates have their own note."""
+        now = self._settings()
+        then = dict(state.get("settings", {}))
+        then.setdefault("train.precision", state.get("precision"))
+        changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in sorted(now) if k in then and then[k] != now[k]]
+        if changed:
+            self.console.print(f"note: {found} was trained with other settings, continuing with: {', '.join(changed)}")
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings `_note_changed_settings` compares (recorded in every checkpoint)."""
+        c = self.cfg
+        return {
+            "seed": c.seed,
+            "train.precision": self.precision,
+            "train.reuse_fake": c.train.reuse_fake,
+            "loss.kind": c.loss.kind,
+            "loss.real_label": c.loss.real_label,
+            "loss.gp_weight": c.loss.gp_weight,
+            "model.dropout": c.model.dropout,
+            "model.leaky_slope": c.model.leaky_slope,
+            "optim.beta1": c.optim.beta1,
+            "optim.beta2": c.optim.beta2,
+            "optim.d_steps": c.optim.d_steps,
+            "ema.decay": c.ema.decay,
+            "ema.rampup": c.ema.rampup,
+            "augment.policy": c.augment.policy,
+            "augment.p": c.augment.p,
+        }
 
     def _apply_config_lr(self, quiet: bool = False) -> None:
         """The optimizers' state_dicts carry their learning rates; the config wins (times the rollbacks'
