@@ -97,8 +97,8 @@ def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_p
     assert {m["world_size"] for m in metric_lines(run)} == {4}
     # one torchrun per node with two processes each, world size 4: two ranks on each of the two hosts
     assert f"c10d rendezvous at {hosts[0]}:" in text, text[-4000:]
-    assert sorted(p.name for p in (run / "checkpoints" / "step_00000020").glob("random_states_*")) == [
-        f"random_states_{r}.pkl" for r in range(4)
+    assert sorted(p.name for p in (run / "checkpoints" / "step_00000020").glob("rng_*.json")) == [
+        f"rng_{r}.json" for r in range(4)
     ]
 
     # The same world size on one node (torchrun, 4 processes on this machine): the same losses per step.
@@ -147,9 +147,9 @@ def test_preemption_across_nodes_requeues_and_resumes_on_other_nodes(cluster, tm
     at = int(stops[0])
     assert 0 < at < steps and at in checkpoints(run)
     # every rank wrote its part of that one checkpoint
-    assert sorted(p.name for p in (run / "checkpoints" / f"step_{at:08d}").glob("random_states_*")) == [
-        "random_states_0.pkl",
-        "random_states_1.pkl",
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{at:08d}").glob("rng_*.json")) == [
+        "rng_0.json",
+        "rng_1.json",
     ]
     assert f"preempted: requeueing job {job}" in text
     wait("the requeued job to be pending", lambda: cluster.job(job)["JobState"] == "PENDING", log)
