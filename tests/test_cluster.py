@@ -277,7 +277,12 @@ def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resu
         cluster.restart_node(1)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
-    assert "lost a node or process: step" in text and f"requeueing job {job}" in text
+    # Who requeues is a race on a loaded machine: the batch script on n1 after the trainer's line ("lost a node or
+    # process ... requeueing"), or slurmctld itself (NODE_FAIL with --requeue) when it marks n2 down first and ends
+    # the batch script before it prints. Either way the job was requeued (waited for above) exactly once.
+    assert int(info.get("Restarts", 0)) == 1, info
+    if "lost a node or process: step" in text:
+        assert f"requeueing job {job}" in text, text[-4000:]
     assert cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split() == [n1, n3]
     assert f"resumed from {run / 'checkpoints' / f'step_{newest:08d}'} (step {newest})" in text
     assert (run / "DONE").read_text().strip() == f"step {steps}"
