@@ -23,7 +23,19 @@ import pytest
 from _runs import REPO, SMOKE, base_env, losses_by_step, metric_lines, torchrun, train_cmd
 from _slurm import FINAL, LocalSlurm, SlurmUnavailable, checkpoints, wait
 
+from gan_ddp.runtime import compat
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
+
+# Naming the lost rank and host (the survivors check in through the rendezvous store) works from torch 2.1; on
+# torch 2.0 (the K80 stack) rank 0 cannot reach its own store after the failed collective, so its one line says
+# "cannot reach the rendezvous store" instead of naming the lost peer. Issue 21 runs the cluster tests on the
+# default stack; the node-loss ones are left out on torch 2.0, saying why.
+NAMES_LOST_PEERS = pytest.mark.skipif(
+    compat.TORCH < "2.1",
+    reason="torch 2.0: the lost peer is not named (rank 0 cannot reach its own rendezvous store after the failed "
+    "collective); node-loss tests run on the default stack",
+)
 
 NODES = 3  # jobs take 2, so a requeued job can land on another pair
 
@@ -230,6 +242,7 @@ def test_accelerate_launch_on_two_machines(cluster, tmp_path):
     assert json.loads(json.dumps(lines[-1]))["step"] == 10
 
 
+@NAMES_LOST_PEERS
 def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resumes(cluster, tmp_path):
     """Node 2 drops off the network mid-run (its link down). The rank on node 1 stops after
     train.collective_timeout_s with one line naming the rank and host it lost; SLURM marks the node DOWN, ends the
@@ -293,6 +306,7 @@ def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resu
     assert len(re.findall(r"^error: ", text, re.M)) == 1, text[-4000:]
 
 
+@NAMES_LOST_PEERS
 def test_elastic_torchrun_carries_on_without_a_lost_node(cluster, tmp_path):
     """NNODES=1:2 MAX_RESTARTS=1 and `sbatch --no-kill`: node 2 dies (every process on it, slurmd included).
     The rank on node 1 fails with the line naming the node, its torchrun restarts the worker at a new rendezvous
