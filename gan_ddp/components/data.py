@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gan_ddp.choices import DATASETS
 from gan_ddp.config import SPLITS
 from gan_ddp.errors import GanDdpError, one_line
-from gan_ddp.runtime import compat
-from gan_ddp.runtime.barrier import main_first
 
 # The loaders built here are prepared by Accelerate, which on torch 2.0 (the K80 stack) needs the torch.cpu device
-# functions of torch 2.1: a program that builds its Accelerator after importing only this module gets them too.
-compat.install_shims()
+# functions of torch 2.1: importing compat installs them, so a program that builds its Accelerator after
+# importing only this module gets them too.
+from gan_ddp.runtime import compat  # noqa: F401
+from gan_ddp.runtime.barrier import main_first
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

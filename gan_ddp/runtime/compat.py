@@ -3,6 +3,9 @@
 Two stacks are installed and tested (`launch/stacks/*.txt`): current torch, and torch 2.0.1 (`STACK=k80`),
 the newest PyPI build that still carries sm_37 kernels for the K80. Code elsewhere asks this module what
 the running torch can do instead of comparing versions itself; each guard says which version added what.
+
+Importing this module installs the shims old torch needs (`install_shims`, once per process; idempotent):
+every module that builds an Accelerator, a process group or a loader Accelerate prepares imports it.
 """
 
 from __future__ import annotations
@@ -145,3 +148,6 @@ def _settle_gloo_before_teardown() -> None:
 
     destroy_process_group._gan_ddp_settles = True  # type: ignore[attr-defined]
     dist.destroy_process_group = destroy_process_group
+
+
+install_shims()  # on import: whoever imports compat (distributed, data, ...) runs on a shimmed torch

@@ -17,10 +17,10 @@ from torch import nn
 
 from gan_ddp.config import ConfigError
 from gan_ddp.errors import GanDdpError
-from gan_ddp.runtime import compat
 
-# Every Accelerator and process group of gan-ddp is made through this module: old torch's gaps are filled first.
-compat.install_shims()
+# Every Accelerator and process group of gan-ddp is made through this module: importing compat filled old
+# torch's gaps first (compat.install_shims).
+from gan_ddp.runtime import compat  # noqa: F401
 
 
 class DistributedSetupError(GanDdpError, RuntimeError):
