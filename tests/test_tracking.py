@@ -1,4 +1,4 @@
-"""gan_ddp.runtime.tracking: real offline W&B runs (files read back), mode resolution, failure isolation."""
+"""gan_ddp.runtime.wandb_tracker: real offline W&B runs (files read back), mode resolution, failure isolation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gan_ddp.runtime.tracking import RUN_ID_FILE, Tracker, resolve_mode
+from gan_ddp.runtime.wandb_tracker import RUN_ID_FILE, Tracker, resolve_mode
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
@@ -152,7 +152,7 @@ def offline_run(tmp_path_factory, accel_state):
 def test_import_and_inactive_trackers_do_not_import_wandb(tmp_path):
     code = (
         "import sys; from pathlib import Path\n"
-        "from gan_ddp.runtime.tracking import Tracker\n"
+        "from gan_ddp.runtime.wandb_tracker import Tracker\n"
         "assert 'wandb' not in sys.modules\n"
         f"d = Path({str(tmp_path)!r})\n"
         "for mode, enabled in (('offline', False), ('auto', False), ('disabled', True)):\n"
