@@ -89,6 +89,20 @@ def _run_overrides(run: Path, *extra: str) -> list[str]:
     return [*train_cmd(run)[3:], "train.threads=1", *extra]
 
 
+def _node_loss_overrides(run: Path, steps: int, collective_timeout_s: float) -> list[str]:
+    """A run that loses a node: a checkpoint and a metrics line every 5 steps, all checkpoints kept (the resume
+    point is the newest before the loss), no grids until the end."""
+    return _run_overrides(
+        run,
+        f"train.steps={steps}",
+        "log.every=5",
+        "log.sample_every=1000",
+        "checkpoint.every=5",
+        "checkpoint.keep=100",
+        f"train.collective_timeout_s={collective_timeout_s:g}",
+    )
+
+
 def test_two_nodes_train_as_one_world_with_the_losses_of_one_node(cluster, tmp_path):
     """2 nodes x 2 processes: world size 4, and the per-step losses of 4 processes on one node."""
     run, log = tmp_path / "nodes", tmp_path / "job.out"
@@ -256,15 +270,7 @@ def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resu
         _job_env(cluster, per_node=1),
         log,
         ["--job-name=gdtest-lost", "--nodes=2", f"--exclude={n3}", "--gpus-per-node=0", "--cpus-per-task=1"],
-        _run_overrides(
-            run,
-            f"train.steps={steps}",
-            "log.every=5",
-            "log.sample_every=1000",
-            "checkpoint.every=5",
-            "checkpoint.keep=100",
-            f"train.collective_timeout_s={timeout}",
-        ),
+        _node_loss_overrides(run, steps, timeout),
     )
     try:
         wait("the first checkpoint", lambda: checkpoints(run), log)
@@ -328,15 +334,7 @@ def test_elastic_torchrun_carries_on_without_a_lost_node(cluster, tmp_path):
             "--gpus-per-node=0",
             "--cpus-per-task=1",
         ],
-        _run_overrides(
-            run,
-            f"train.steps={steps}",
-            "log.every=5",
-            "log.sample_every=1000",
-            "checkpoint.every=5",
-            "checkpoint.keep=100",
-            "train.collective_timeout_s=30",
-        ),
+        _node_loss_overrides(run, steps, collective_timeout_s=30),
     )
     try:
         wait("the first checkpoint", lambda: checkpoints(run), log)
