@@ -105,11 +105,11 @@ def test_bench_without_baseline_leaves_its_figures_null(
     assert bench.run_bench(_bench_namespace([*argv, f"data.root={mnist_root}", "train.threads=1"])) == 0
     figures = json.loads(out_json.read_text())
     assert figures["baseline_img_per_s"] is None and figures["speedup"] is None
-    # the instrumentation is gone afterwards: the trainer module's normalize is the real one again
+    # the instrumentation is gone afterwards: the step module's normalize is the real one again
     import gan_ddp.components.data
-    import gan_ddp.training.trainer
+    import gan_ddp.training.step
 
-    assert gan_ddp.training.trainer.normalize is gan_ddp.components.data.normalize
+    assert gan_ddp.training.step.normalize is gan_ddp.components.data.normalize
 
 
 def test_bench_rejects_bad_counts() -> None:
@@ -143,30 +143,30 @@ def test_lean_step_and_textbook_step_agree(mnist_root: Path, tmp_path: Path, reu
     trainer = _trainer(
         mnist_root, tmp_path, "model.dropout=0", "train.precision='no'", f"train.reuse_fake={reuse_fake}"
     )
-    assert trainer.precision == "no" and trainer.cfg.loss.real_label == 1.0
+    assert trainer.parts.precision == "no" and trainer.cfg.loss.real_label == 1.0
     G, D = textbook.textbook_models(trainer.cfg.model)
-    G.load_state_dict(trainer.G_raw.state_dict())
-    D[0].load_state_dict(trainer.D_raw.state_dict())
+    G.load_state_dict(trainer.gan.G_raw.state_dict())
+    D[0].load_state_dict(trainer.gan.D_raw.state_dict())
     opt_g, opt_d = textbook.textbook_optimizers(G, D, trainer.cfg.optim)
 
-    trainer.loader.set_epoch(0)
-    batch = next(iter(trainer.loader))
+    trainer.parts.loader.set_epoch(0)
+    batch = next(iter(trainer.parts.loader))
     transform = textbook.textbook_transform()
     from PIL import Image
 
     real = torch.stack([transform(Image.fromarray(image.squeeze(0).numpy())) for image in batch[0]])
-    z_d = trainer.noise(1, 0)
-    z_g = z_d if reuse_fake else trainer.noise(1, 1)  # reuse_fake: G is unchanged by the D step
+    z_d = trainer.gan.noise(1, 0)
+    z_g = z_d if reuse_fake else trainer.gan.noise(1, 1)  # reuse_fake: G is unchanged by the D step
 
-    trainer.train_step(batch, 1)
+    trainer.gan.train_step(batch, 1)
     loss_d, loss_g = textbook.textbook_step(G, D, opt_g, opt_d, nn.BCELoss(), real, z_d, z_g)
 
-    lean_d, lean_g = trainer.window.value("loss/d"), trainer.window.value("loss/g")
+    lean_d, lean_g = trainer.gan.window.value("loss/d"), trainer.gan.window.value("loss/g")
     assert lean_d == pytest.approx(float(loss_d), abs=1e-5)
     assert lean_g == pytest.approx(float(loss_g), abs=1e-5)
-    for name, value in trainer.D_raw.state_dict().items():
+    for name, value in trainer.gan.D_raw.state_dict().items():
         torch.testing.assert_close(D[0].state_dict()[name], value, atol=1e-5, rtol=0, msg=f"D.{name}")
-    for name, value in trainer.G_raw.state_dict().items():
+    for name, value in trainer.gan.G_raw.state_dict().items():
         torch.testing.assert_close(G.state_dict()[name], value, atol=1e-5, rtol=0, msg=f"G.{name}")
 
 
@@ -182,11 +182,11 @@ def _one_step(mnist_root: Path, run_dir: Path, compile_: bool) -> tuple[list[flo
         "model.d_hidden=[128,64]",
         config=MLP,
     )
-    trainer.loader.set_epoch(0)
-    trainer.train_step(next(iter(trainer.loader)), 1)
-    weights = {f"G.{k}": v.detach().clone() for k, v in trainer.G_raw.state_dict().items()}
-    weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.D_raw.state_dict().items()}
-    return trainer.window.sums.tolist(), weights
+    trainer.parts.loader.set_epoch(0)
+    trainer.gan.train_step(next(iter(trainer.parts.loader)), 1)
+    weights = {f"G.{k}": v.detach().clone() for k, v in trainer.gan.G_raw.state_dict().items()}
+    weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.gan.D_raw.state_dict().items()}
+    return trainer.gan.window.sums.tolist(), weights
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from gan_ddp.components.models import (
 )
 from gan_ddp.config import ModelConfig
 from gan_ddp.runtime import checkpoint as ckpt
-from gan_ddp.training.trainer import Trainer
+from gan_ddp.training.step import GanStep
 
 # 2000 images per step: 5 steps per epoch on the 10k test split, so short runs cross epochs.
 EXACT = ("train.batch_size=2000", "train.epochs=100", "log.every=3", "log.sample_every=4", "checkpoint.every=100")
@@ -147,14 +147,14 @@ def fake_trainer(rank: int, world: int, batch: int = 12, seed: int = 5) -> types
 def test_fake_labels_of_two_processes_are_one_process_labels() -> None:
     for step in (1, 2, 977):
         for stream in (0, 1):
-            whole = Trainer.fake_labels(fake_trainer(0, 1), step, stream)
-            parts = [Trainer.fake_labels(fake_trainer(r, 2), step, stream) for r in range(2)]
+            whole = GanStep.fake_labels(fake_trainer(0, 1), step, stream)
+            parts = [GanStep.fake_labels(fake_trainer(r, 2), step, stream) for r in range(2)]
             assert torch.equal(torch.cat(parts), whole)
             assert whole.min() >= 0 and whole.max() < N_CLASSES
-    assert not torch.equal(Trainer.fake_labels(fake_trainer(0, 1), 3, 0), Trainer.fake_labels(fake_trainer(0, 1), 4, 0))
+    assert not torch.equal(GanStep.fake_labels(fake_trainer(0, 1), 3, 0), GanStep.fake_labels(fake_trainer(0, 1), 4, 0))
     plain = fake_trainer(0, 1)
     plain.conditional = False
-    assert Trainer.fake_labels(plain, 3, 0) is None
+    assert GanStep.fake_labels(plain, 3, 0) is None
 
 
 # ------------------------------------------------------------------------------ training

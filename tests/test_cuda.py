@@ -94,10 +94,10 @@ def test_a_few_hundred_steps_on_one_gpu(tmp_path, precision):
 
 def test_dataset_is_resident_on_the_gpu(tmp_path):
     trainer = make_trainer(tmp_path)
-    assert trainer.device.type == "cuda"
-    dataset = trainer.loader.dataset
+    assert trainer.parts.device.type == "cuda"
+    dataset = trainer.parts.loader.dataset
     assert dataset.images.device.type == "cuda" and dataset.images.dtype == torch.uint8
-    images, _ = next(iter(trainer.loader))
+    images, _ = next(iter(trainer.parts.loader))
     assert images.device.type == "cuda"
     trainer.accelerator.end_training()
 
@@ -106,38 +106,38 @@ def test_dataset_is_resident_on_the_gpu(tmp_path):
 def test_no_host_sync_between_log_steps(tmp_path, precision):
     """Every step between two log steps runs with any CUDA-host synchronisation turned into an error."""
     trainer = make_trainer(tmp_path, f"train.precision={precision}", "optim.d_steps=2")
-    batches = [b for _, b in zip(range(12), trainer.loader, strict=False)]  # fetched first: the loop's loader
+    batches = [b for _, b in zip(range(12), trainer.parts.loader, strict=False)]  # fetched first: the loop's loader
     for step, batch in enumerate(batches[:2], start=1):  # warm-up: lazy scaler state, cuBLAS handles
-        trainer.train_step(batch, step)
+        trainer.gan.train_step(batch, step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step, batch in enumerate(batches[2:], start=3):
-            trainer.train_step(batch, step)
+            trainer.gan.train_step(batch, step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    window = trainer.window.sums.tolist()  # the log step: one sync, allowed
-    assert trainer.window.value("steps") == pytest.approx(12.0) and all(math.isfinite(x) for x in window)
+    window = trainer.gan.window.sums.tolist()  # the log step: one sync, allowed
+    assert trainer.gan.window.value("steps") == pytest.approx(12.0) and all(math.isfinite(x) for x in window)
     trainer.accelerator.end_training()
 
 
 def test_fp16_overflow_is_skipped_counted_and_leaves_weights_alone(tmp_path):
     trainer = make_trainer(tmp_path, "train.precision=fp16")
-    batches = [b for _, b in zip(range(3), trainer.loader, strict=False)]
-    trainer.train_step(batches[0], 1)
-    trainer.train_step(batches[1], 2)
+    batches = [b for _, b in zip(range(3), trainer.parts.loader, strict=False)]
+    trainer.gan.train_step(batches[0], 1)
+    trainer.gan.train_step(batches[1], 2)
     scaler = trainer.accelerator.scaler
     assert scaler is not None
-    before = trainer.skipped.tolist()
-    weights = {f"G.{k}": v.detach().clone() for k, v in trainer.G_raw.state_dict().items()}
-    weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.D_raw.state_dict().items()}
+    before = trainer.gan.skipped.tolist()
+    weights = {f"G.{k}": v.detach().clone() for k, v in trainer.gan.G_raw.state_dict().items()}
+    weights |= {f"D.{k}": v.detach().clone() for k, v in trainer.gan.D_raw.state_dict().items()}
     scaler._scale.fill_(2.0**60)  # loss * 2**60 overflows fp16 in both backward passes
-    trainer.train_step(batches[2], 3)
-    after = trainer.skipped.tolist()
+    trainer.gan.train_step(batches[2], 3)
+    after = trainer.gan.skipped.tolist()
     assert after == [before[0] + 1, before[1] + 1], (before, after)
-    for name, value in trainer.G_raw.state_dict().items():
+    for name, value in trainer.gan.G_raw.state_dict().items():
         assert torch.equal(value, weights[f"G.{name}"]), f"G.{name} changed in a skipped step"
-    for name, value in trainer.D_raw.state_dict().items():
+    for name, value in trainer.gan.D_raw.state_dict().items():
         if "running" in name or "num_batches" in name:  # BatchNorm statistics move in the forward
             continue
         assert torch.equal(value, weights[f"D.{name}"]), f"D.{name} changed in a skipped step"
@@ -170,11 +170,11 @@ def test_reduce_overhead_agrees_with_eager_for_one_step(tmp_path):
 
     def one_step(run_dir, *overrides):
         trainer = make_trainer(run_dir, "model.dropout=0", *overrides)
-        batch = next(iter(trainer.loader))
-        trainer.train_step(batch, 1)
-        out = {f"G.{k}": v.detach().clone() for k, v in trainer.G_raw.state_dict().items()}
-        out |= {f"D.{k}": v.detach().clone() for k, v in trainer.D_raw.state_dict().items()}
-        stats = trainer.window.sums.tolist()
+        batch = next(iter(trainer.parts.loader))
+        trainer.gan.train_step(batch, 1)
+        out = {f"G.{k}": v.detach().clone() for k, v in trainer.gan.G_raw.state_dict().items()}
+        out |= {f"D.{k}": v.detach().clone() for k, v in trainer.gan.D_raw.state_dict().items()}
+        stats = trainer.gan.window.sums.tolist()
         trainer.accelerator.end_training()
         return stats, {k.replace("_orig_mod.", ""): v for k, v in out.items()}
 

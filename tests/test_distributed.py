@@ -64,11 +64,11 @@ def test_skipped_fp16_steps_are_counted_and_logged(tmp_path, monkeypatch):
     monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
     cfg = load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}", "optim.d_steps=2"])
     trainer = Trainer(cfg)
-    trainer.precision = "fp16"  # what a V100 would run; the counting is the same code
-    for step, batch in zip(range(1, 5), trainer.loader, strict=False):
-        trainer.train_step(batch, step)
-    assert trainer.skipped.tolist() == [4, 2]  # D every step, G every second step (d_steps=2)
-    metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
+    trainer.parts.precision = "fp16"  # what a V100 would run; the counting is the same code
+    for step, batch in zip(range(1, 5), trainer.parts.loader, strict=False):
+        trainer.gan.train_step(batch, step)
+    assert trainer.gan.skipped.tolist() == [4, 2]  # D every step, G every second step (d_steps=2)
+    metrics = trainer.outputs.metrics_line(epoch=0, window_seconds=1.0)
     assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"]) == (4, 2)
     assert "amp/scale" in metrics
 
@@ -96,10 +96,10 @@ def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
     GradientState._reset_state()
     cfg = load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}"])
     trainer = Trainer(cfg)
-    trainer.precision = "fp16"
-    scaler = BackingOffScaler(trainer.opt_d)
+    trainer.parts.precision = "fp16"
+    scaler = BackingOffScaler(trainer.gan.opt_d)
     trainer.accelerator.scaler = scaler
-    d_step = trainer.opt_d.step
+    d_step = trainer.gan.opt_d.step
 
     def d_step_that_overflows_every_second_time(*args, **kwargs):
         d_step(*args, **kwargs)
@@ -107,11 +107,11 @@ def test_fp16_skips_inside_a_fused_optimizer_are_counted(tmp_path):
         if scaler.d_steps % 2 == 0:
             scaler._scale *= 0.5  # GradScaler.update after found-inf
 
-    trainer.opt_d.step = d_step_that_overflows_every_second_time
-    for step, batch in zip(range(1, 7), trainer.loader, strict=False):
-        trainer.train_step(batch, step)
-    assert trainer.skipped.tolist() == [3, 0]
-    metrics = trainer._flush_metrics(epoch=0, window_seconds=1.0)
+    trainer.gan.opt_d.step = d_step_that_overflows_every_second_time
+    for step, batch in zip(range(1, 7), trainer.parts.loader, strict=False):
+        trainer.gan.train_step(batch, step)
+    assert trainer.gan.skipped.tolist() == [3, 0]
+    metrics = trainer.outputs.metrics_line(epoch=0, window_seconds=1.0)
     assert (metrics["amp/skipped_d"], metrics["amp/skipped_g"], metrics["amp/scale"]) == (3, 0, 65536.0 / 8)
 
 

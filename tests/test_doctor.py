@@ -135,12 +135,12 @@ def test_gather_reads_every_gpu_through_torch(monkeypatch):
 
 def test_train_refuses_a_gpu_without_kernels_with_one_line(monkeypatch, tmp_path, capsys):
     from gan_ddp.commands import cli
-    from gan_ddp.training import trainer
+    from gan_ddp.training import builder
 
     def refuse():
         raise GPUSupportError(doctor.kernel_problems(machine(gpus=[K80]))[0])
 
-    monkeypatch.setattr(trainer, "check_gpu_kernels", refuse)
+    monkeypatch.setattr(builder, "check_gpu_kernels", refuse)
     code = cli.main(["train", "--config", "configs/smoke.yaml", f"run.dir={tmp_path}", "log.wandb=disabled"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

@@ -52,12 +52,12 @@ def test_grids_sample_from_the_ema(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     trainer = Trainer(load_config(SMOKE, [f"data.root={MNIST}", f"run.dir={tmp_path}", "ema.decay=0.5"]))
-    for step, batch in zip(range(1, 4), trainer.loader, strict=False):
-        trainer.train_step(batch, step)
+    for step, batch in zip(range(1, 4), trainer.parts.loader, strict=False):
+        trainer.gan.train_step(batch, step)
     with torch.no_grad():
-        expected = trainer.ema.shadow(trainer.fixed_noise)
-        raw = trainer.G_raw(trainer.fixed_noise)
-    grid = trainer.sample_images(trainer.fixed_noise)
+        expected = trainer.gan.ema.shadow(trainer.parts.fixed_noise)
+        raw = trainer.gan.G_raw(trainer.parts.fixed_noise)
+    grid = trainer.outputs.sample_images(trainer.parts.fixed_noise)
     torch.testing.assert_close(grid, expected)
     assert not torch.allclose(grid, raw)
-    torch.testing.assert_close(trainer.sample_images(trainer.fixed_noise, use_ema=False), raw)
+    torch.testing.assert_close(trainer.outputs.sample_images(trainer.parts.fixed_noise, use_ema=False), raw)

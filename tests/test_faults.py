@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from gan_ddp.config import ConfigError, load_config
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import faults
-from gan_ddp.training.trainer import SECOND_INTERRUPT_AFTER_S, StopRequest, Trainer
+from gan_ddp.training.step import GanStep
+from gan_ddp.training.stop import SECOND_INTERRUPT_AFTER_S, StopRequest
 
 LONG = ("train.epochs=1000", "train.steps=null", "log.every=1")
 
@@ -126,7 +127,7 @@ def test_absurd_learning_rate_stops_with_exit_3_and_writes_nothing_non_finite(tm
 def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsys, monkeypatch, log_every):
     run = tmp_path / "run"
     overrides = ("checkpoint.every=2", "checkpoint.keep=2", "train.steps=12", f"log.every={log_every}")
-    original = Trainer.train_step
+    original = GanStep.train_step
 
     def diverging(self, batch, step):  # weights blow up during step 7, as with a too-large learning rate
         original(self, batch, step)
@@ -134,7 +135,7 @@ def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsy
             with torch.no_grad():
                 self.G_raw.net[0].weight.fill_(float("nan"))
 
-    monkeypatch.setattr(Trainer, "train_step", diverging)
+    monkeypatch.setattr(GanStep, "train_step", diverging)
     code, _, err = cli_inproc(train_cmd(run, *overrides), capsys)
     assert code == faults.EXIT_DIVERGED
     line = one_error_line(err)
@@ -148,7 +149,7 @@ def test_divergence_keeps_the_finite_checkpoints_as_resume_point(tmp_path, capsy
     if log_every == 1:
         assert strict_lines(run)[-1]["loss/d"] is None  # the line that showed it, as strict JSON
 
-    monkeypatch.setattr(Trainer, "train_step", original)  # the fix: a lower lr, and no more fault
+    monkeypatch.setattr(GanStep, "train_step", original)  # the fix: a lower lr, and no more fault
     code, out, _ = cli_inproc(train_cmd(run, *overrides, "optim.lr_d=1e-4"), capsys)
     assert code == 0 and "resumed from" in out and "step 6)" in out
     assert "optim.lr_d is 0.0001 from the config (the checkpoint had 0.0002)" in out
@@ -161,7 +162,7 @@ def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
     run = tmp_path / "run"
     overrides = ("checkpoint.every=2", "checkpoint.keep=2", "train.steps=12", "log.every=1",
                  "train.on_nonfinite=rollback", "train.max_rollbacks=2")  # fmt: skip
-    original, faults_left = Trainer.train_step, [3 if persistent else 1]
+    original, faults_left = GanStep.train_step, [3 if persistent else 1]
 
     def diverging(self, batch, step):
         original(self, batch, step)
@@ -170,7 +171,7 @@ def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
             with torch.no_grad():
                 self.G_raw.net[0].weight.fill_(float("nan"))
 
-    monkeypatch.setattr(Trainer, "train_step", diverging)
+    monkeypatch.setattr(GanStep, "train_step", diverging)
     code, out, err = cli_inproc(train_cmd(run, *overrides), capsys)
     assert "rolled back to step 6 with learning rates x 0.5 (rollback 1 of 2" in out
     kept = ckpt.list_checkpoints(run / "checkpoints")

@@ -27,6 +27,7 @@ from _runs import newest_checkpoint, train_cmd, train_inproc
 from test_faults import cli_inproc, one_error_line
 
 from gan_ddp.runtime import checkpoint as ckpt
+from gan_ddp.runtime import checkpoint_legacy as format_1
 from gan_ddp.runtime import compat
 
 
@@ -160,7 +161,7 @@ def _no_unpickler(monkeypatch) -> None:
 def _read_as_a_resume_does(checkpoint: Path) -> None:
     ckpt.verify(checkpoint)
     state = ckpt.read_state(checkpoint)
-    ckpt.load_training_state(checkpoint, rank=0, saved_world=state["world_size"], ema=True)
+    ckpt.load_training_state(checkpoint, rank=0, saved_world=state["world_size"], extras=("ema",))
     ckpt.load_ema(checkpoint)  # what `sample` and `eval --run` read
 
 
@@ -280,7 +281,7 @@ def test_a_poisoned_checkpoint_under_auto_resume_is_one_line_in_a_fresh_process(
 # ---------------------------------------------------------------------------------------------- format 1
 def _as_format_1(checkpoint: Path) -> None:
     """Rewrite a checkpoint as gan-ddp wrote them before format 2 (Accelerate's save_state: pickles)."""
-    for name, legacy in zip(ckpt.OPTIMIZERS, ckpt.LEGACY_OPTIMIZERS, strict=True):
+    for name, legacy in zip(ckpt.OPTIMIZERS, format_1.LEGACY_OPTIMIZERS, strict=True):
         tensors = ckpt.read_tensors(checkpoint / f"{name}.safetensors")
         state = ckpt.join_optimizer_state(tensors, json.loads((checkpoint / f"{name}.json").read_text()))
         torch.save(state, checkpoint / legacy)
@@ -323,7 +324,7 @@ def test_format_1_checkpoints_resume_only_where_the_restricted_unpickler_is_safe
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
-@pytest.mark.parametrize("target", [*ckpt.LEGACY_OPTIMIZERS, ckpt.LEGACY_SCALER, "random_states_0.pkl"])
+@pytest.mark.parametrize("target", [*format_1.LEGACY_OPTIMIZERS, format_1.LEGACY_SCALER, "random_states_0.pkl"])
 def test_no_format_1_file_runs_code(pristine, tmp_path, target, payload):
     checkpoint = tmp_path / pristine.name
     shutil.copytree(pristine, checkpoint)

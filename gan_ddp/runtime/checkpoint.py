@@ -13,7 +13,12 @@ Why our own files rather than `accelerator.save_state`: Accelerate pickles the o
 RNG states, and below torch 2.4 (the K80 stack) loads them with a plain, code-running `torch.load`. A
 safetensors file is a JSON header and raw bytes, and JSON is data: reading a checkpoint from a stranger can
 fail, but never runs code, on any torch. Checkpoints of earlier versions (format 1: Accelerate's pickles) are
-read only with torch's restricted unpickler, and only on torch >= 2.6 (`compat.weights_only_is_safe`).
+read only with torch's restricted unpickler, and only on torch >= 2.6 (`compat.weights_only_is_safe`):
+`checkpoint_legacy`, the one reader of pickles, apart from this format.
+
+Beyond G, D and the optimisers a checkpoint holds named *extras*: sets of tensors, each in `<name>.safetensors`
+(the EMA's is `ema`). `save(extras={name: tensors})` writes them, `load_training_state(extras=(name, ...))`
+reads them back (a missing one is an error naming it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gan_ddp.errors import GanDdpError
-from gan_ddp.runtime import compat
 from gan_ddp.runtime.fsutil import atomic_write
 
 MANIFEST = "manifest.json"
@@ -40,9 +45,7 @@ FORMAT = 2  # trainer_state.json's "format"; checkpoints without it are format 1
 MODELS = ("model.safetensors", "model_1.safetensors")  # G, D: the names Accelerate's save_state used
 OPTIMIZERS = ("optimizer", "optimizer_1")  # + .safetensors (state tensors) and .json (everything else)
 SCALER = "scaler.json"
-EMA = "ema.safetensors"
-LEGACY_OPTIMIZERS = ("optimizer.bin", "optimizer_1.bin")
-LEGACY_SCALER = "scaler.pt"
+EMA = "ema.safetensors"  # the extra named "ema"
 PREFIX = "step_"
 # Fault injection for tests: die (as `kill -9` would) after the first files of a checkpoint are written.
 CRASH_ENV = "GAN_DDP_TEST_CRASH_IN_SAVE"
@@ -54,6 +57,11 @@ class CheckpointError(GanDdpError, RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def extra_file(name: str) -> str:
+    """The file of a checkpoint's extra `name` (`ema` -> ema.safetensors)."""
+    return f"{name}.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -187,14 +195,14 @@ def save(
     root: Path,
     step: int,
     state: dict[str, Any],
-    extra_tensors: dict[str, Any] | None,
+    extras: dict[str, dict[str, torch.Tensor]] | None,
     models: tuple[torch.nn.Module, ...] = (),
     optimizers: tuple[torch.optim.Optimizer, ...] = (),
     scaler: Any = None,
 ) -> Path:
     """Collective: every process must call it. Returns the final directory. `models` (G, D, unwrapped),
     `optimizers` (theirs) and `scaler` (fp16's, or None) are written by the main process, each process's
-    RNG states by itself; `extra_tensors` is the EMA.
+    RNG states by itself; `extras` (name -> tensors: the EMA, ...) each into `<name>.safetensors`.
 
     A failure while writing (disk full, read-only filesystem, permissions) removes the half-written
     `.tmp-*` directory and raises an OSError that names it and its errno, whatever the library that
@@ -203,7 +211,7 @@ def save(
 
     tmp = root / f".tmp-{step_dir_name(step)}"
     try:
-        return _save(accelerator, root, step, state, extra_tensors, models, optimizers, scaler)
+        return _save(accelerator, root, step, state, extras or {}, models, optimizers, scaler)
     except BaseException as exc:
         error = as_os_error(exc, tmp) if isinstance(exc, Exception) else None  # reads free space: before cleaning
         if accelerator.is_main_process:
@@ -213,7 +221,7 @@ def save(
         raise error from exc
 
 
-def _save(accelerator, root, step, state, extra_tensors, models, optimizers, scaler) -> Path:
+def _save(accelerator, root, step, state, extras, models, optimizers, scaler) -> Path:
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
     if accelerator.is_main_process:
@@ -233,8 +241,9 @@ def _save(accelerator, root, step, state, extra_tensors, models, optimizers, sca
     if os.environ.get(CRASH_ENV) == str(step):
         os._exit(137)  # the test's `kill -9` in the middle of a save, deterministic
     if accelerator.is_main_process:
-        if extra_tensors:
-            _save_tensors(extra_tensors, tmp / EMA)
+        for name, tensors in extras.items():
+            if tensors:
+                _save_tensors(tensors, tmp / extra_file(name))
         write_json(tmp / STATE, {**state, "format": FORMAT})
     accelerator.wait_for_everyone()  # every process's RNG file is on disk
     if accelerator.is_main_process:
@@ -337,21 +346,6 @@ def _rng_from_json(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _rng_from_accelerate(states: dict[str, Any]) -> dict[str, Any]:
-    """Format 1: the dict Accelerate's save_state pickled into random_states_<rank>.pkl."""
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = states["numpy_random_seed"]
-    version, internal, gauss = states["random_state"]
-    cuda = states.get("torch_cuda_manual_seed") or []
-    return {
-        "python": (int(version), tuple(int(i) for i in internal), gauss),
-        "numpy": (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.as_tensor(states["torch_manual_seed"], dtype=torch.uint8),
-        "cuda": [torch.as_tensor(s, dtype=torch.uint8) for s in (cuda if isinstance(cuda, list) else [cuda])],
-    }
-
-
 def set_rng_state(state: dict[str, Any]) -> None:
     import random
 
@@ -372,14 +366,14 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({_reason(exc)}) {NO_CODE}") from None
+        raise CheckpointError(f"{path}: not a readable JSON file ({reason(exc)}) {NO_CODE}") from None
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except READ_ERRORS as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(exc)}) {NO_CODE}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason(exc)}) {NO_CODE}") from None
 
 
 @dataclass
@@ -390,16 +384,19 @@ class TrainingState:
     optimizers: list[dict[str, Any]]
     scaler: dict[str, Any] | None
     rng: dict[str, Any] | None  # this process's; None when the checkpoint had fewer processes
-    ema: dict[str, torch.Tensor] | None
+    extras: dict[str, dict[str, torch.Tensor]]  # name -> tensors, for the names asked for
 
 
-def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool) -> TrainingState:
-    """Read a checkpoint (verified before) for process `rank`; CheckpointError naming the file that is
-    missing or malformed. No file is given to an unpickler, except format 1's, to torch's restricted one."""
+def load_training_state(directory: Path, rank: int, saved_world: int, extras: Iterable[str] = ()) -> TrainingState:
+    """Read a checkpoint (verified before) for process `rank`, with the `extras` named (e.g. ("ema",));
+    CheckpointError naming the file that is missing or malformed. No file is given to an unpickler, except
+    format 1's, to torch's restricted one (`checkpoint_legacy`)."""
     state = read_state(directory)
     fmt = state.get("format", 1) if isinstance(state, dict) else None
     if fmt == 1:
-        return _load_format_1(directory, rank, saved_world, ema)
+        from gan_ddp.runtime.checkpoint_legacy import load_format_1
+
+        return load_format_1(directory, rank, saved_world, tuple(extras))
     if fmt != FORMAT:
         raise CheckpointError(f"{directory / STATE}: checkpoint format {fmt!r}; this gan-ddp reads {FORMAT}")
 
@@ -417,7 +414,7 @@ def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool)
             optimizers.append(join_optimizer_state(tensors, rest))
         except READ_ERRORS as exc:
             raise CheckpointError(
-                f"{directory / name}.json: not an optimizer state ({_reason(exc)}) {NO_CODE}"
+                f"{directory / name}.json: not an optimizer state ({reason(exc)}) {NO_CODE}"
             ) from None
     scaler = read_json(directory / SCALER) if (directory / SCALER).is_file() else None
     if scaler is not None and not (isinstance(scaler, dict) and isinstance(scaler.get("scale", 0.0), float)):
@@ -432,55 +429,11 @@ def load_training_state(directory: Path, rank: int, saved_world: int, ema: bool)
         try:
             rng = _rng_from_json(read_json(path))
         except READ_ERRORS as exc:
-            raise CheckpointError(f"{path}: not an RNG state ({_reason(exc)}) {NO_CODE}") from None
-    ema_state = None
-    if ema:
-        ema_state = read_tensors(need(EMA))
-    return TrainingState(models, optimizers, scaler, rng, ema_state)
+            raise CheckpointError(f"{path}: not an RNG state ({reason(exc)}) {NO_CODE}") from None
+    return TrainingState(models, optimizers, scaler, rng, {n: read_tensors(need(extra_file(n))) for n in extras})
 
 
-def _load_format_1(directory: Path, rank: int, saved_world: int, ema: bool) -> TrainingState:
-    """A checkpoint of gan-ddp before format 2: optimizers, scaler and RNG states are Accelerate's pickles.
-    torch.load(weights_only=True) is torch's restricted unpickler (no imports beyond tensors and plain
-    containers), but before torch 2.6 it could be made to run code (CVE-2025-32434): there we refuse."""
-    if not compat.weights_only_is_safe():
-        raise CheckpointError(
-            f"{directory}: written by an earlier gan-ddp (optimizer and RNG state as pickles), which torch "
-            f"{torch.__version__} cannot read safely (torch.load weights_only=True is safe from torch 2.6), so "
-            "nothing in it was read: resume it once on the default stack (it writes the current format at the "
-            "next checkpoint), or start a new run.dir"
-        )
-
-    def unpickle(path: Path) -> Any:
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: {path.name} is missing")
-        try:
-            return compat.restricted_torch_load(path)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{path}: refused by torch's restricted unpickler (torch.load weights_only=True): {_reason(exc)}"
-            ) from None
-
-    models = [read_tensors(directory / name) for name in MODELS]
-    optimizers = [unpickle(directory / name) for name in LEGACY_OPTIMIZERS]
-    for path, loaded in zip(LEGACY_OPTIMIZERS, optimizers, strict=True):
-        if not (isinstance(loaded, dict) and {"state", "param_groups"} <= set(loaded)):
-            raise CheckpointError(f"{directory / path}: not an optimizer state")
-    scaler = unpickle(directory / LEGACY_SCALER) if (directory / LEGACY_SCALER).is_file() else None
-    rng = None
-    if rank < saved_world:
-        path = directory / f"random_states_{rank}.pkl"
-        try:
-            rng = _rng_from_accelerate(unpickle(path))
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not an RNG state ({_reason(exc)})") from None
-    ema_state = read_tensors(directory / EMA) if ema else None
-    return TrainingState(models, optimizers, scaler, rng, ema_state)
-
-
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """The informative line of a library's multi-paragraph error (torch's weights_only error: "Trying to
     load unsupported GLOBAL posix.system ...", "Unsupported operand 149"), else its first line, cut short."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")

@@ -1,9 +1,10 @@
 """`gan-ddp bench`: throughput of the real training step, and of a textbook PyTorch loop to compare with.
 
-The lean side builds the real `Trainer` and calls its own `train_step` (the code `train` runs, not a copy);
-the split of an iteration is measured through the seam the trainer offers, `Trainer.time_phases`: its
-"data", "d_step" and "g_step" phases run inside our timers (on CUDA the timers synchronise, in bench mode
-only). What is left of an iteration (the G forward, the noise, the metric sums) is reported as `ms_other`.
+The lean side builds the real `Trainer` and steps it with `Trainer.advance` (the GAN step `train` runs,
+`GanStep.train_step`, not a copy); the split of an iteration is measured through the seam the trainer offers,
+`Trainer.time_phases(timer)`: the step's "data", "d_step" and "g_step" phases run inside `timer(name)`, our
+timers (on CUDA they synchronise, in bench mode only). What is left of an iteration (the G forward, the
+noise, the metric sums) is reported as `ms_other`.
 
 `--baseline` adds, in the same process and run, the loop of the tutorials this project reproduces
 (`gan_ddp.tools.textbook`: per-image PIL transforms, `BCELoss` after a sigmoid, a fresh G forward for the G step, D
@@ -15,8 +16,8 @@ JSON keys (`--json PATH`, one flat object; figures are global over processes unl
   img_per_s           lean images per second, all processes (global batch x iterations / slowest process)
   ms_per_iter         wall milliseconds per iteration (slowest process)
   ms_data             of which: fetching the batch and normalising it (mean over processes)
-  ms_d_step           of which: `Trainer.d_step` (mean over processes)
-  ms_g_step           of which: `Trainer.g_step`, averaged over all iterations (mean over processes)
+  ms_d_step           of which: `GanStep.d_step` (mean over processes)
+  ms_g_step           of which: `GanStep.g_step`, averaged over all iterations (mean over processes)
   ms_other            the rest: G forward(s), noise, metric sums (mean over processes)
   peak_rss_mb         peak resident memory of the largest process, MB (before the baseline runs)
   ckpt_save_s         `Trainer.save_checkpoint()` seconds, median of 3
@@ -132,13 +133,13 @@ def instrumented(trainer: Any, timers: Timers) -> Iterator[None]:
         trainer.time_phases(None)
 
 
-def _epochs(trainer: Any) -> Iterator[Any]:
+def _epochs(loader: Any) -> Iterator[Any]:
     """The trainer's prepared loader, epoch after epoch, as `train` iterates it."""
     epoch = 0
     while True:
-        trainer.loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         epoch += 1
-        yield from trainer.loader
+        yield from loader
 
 
 def _shared_tmp_dir() -> Path:
@@ -213,10 +214,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dict[str, Any]:
-    cfg, acc = trainer.cfg, trainer.accelerator
-    sync = _syncer(trainer.device)
+    cfg, acc, parts = trainer.cfg, trainer.accelerator, trainer.parts
+    sync = _syncer(parts.device)
     timers = Timers(sync)
-    batches = _epochs(trainer)
+    batches = _epochs(parts.loader)
 
     def lean_window(n: int) -> list[float]:
         """Runs n real steps; returns this process's [wall, data, d_step, g_step] seconds."""
@@ -236,7 +237,7 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
         return [wall, *(timers.totals.get(k, 0.0) for k in ("data", "d_step", "g_step"))]
 
     baseline: TextbookLoop | None = None
-    baseline_threads = _default_threads(trainer.world, threads_before)
+    baseline_threads = _default_threads(parts.world, threads_before)
 
     def baseline_window(n: int) -> float:
         """Main process only: seconds of n textbook iterations (0 elsewhere); everyone waits for it."""
@@ -245,7 +246,7 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
         if trainer.is_main:
             with torch_threads(baseline_threads):
                 if baseline is None:
-                    dataset = trainer.loader.dataset
+                    dataset = parts.loader.dataset
                     images, labels = dataset.images.squeeze(1).cpu(), dataset.labels.cpu()
                     baseline = TextbookLoop(cfg, images, labels)
                     baseline.run(args.warmup)
@@ -261,11 +262,11 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
         timers.enabled = True
         for r in range(args.repeat):
             local = lean_window(args.iters)
-            lean_runs.append(_reduce_window(acc, trainer.device, local))
+            lean_runs.append(_reduce_window(acc, parts.device, local))
             if r == 0:
                 timers.enabled = False
                 ckpt_s = _checkpoint_seconds(trainer)
-                rss = float(acc.gather(torch.tensor([peak_rss_mb()], device=trainer.device)).max())
+                rss = float(acc.gather(torch.tensor([peak_rss_mb()], device=parts.device)).max())
                 timers.enabled = True
             if args.baseline:
                 baseline_runs.append(baseline_window(args.iters))
@@ -282,11 +283,11 @@ def _measure(trainer: Any, args: argparse.Namespace, threads_before: int) -> dic
         "ms_other": 1000 * (wall - data - d - g) / n,
         "peak_rss_mb": rss,
         "ckpt_save_s": ckpt_s,
-        "precision": trainer.precision,
-        "precision_reason": trainer.precision_reason,
-        "threads": trainer.threads,
-        "world_size": trainer.world,
-        "device": str(trainer.device),
+        "precision": parts.precision,
+        "precision_reason": parts.precision_reason,
+        "threads": parts.threads,
+        "world_size": parts.world,
+        "device": str(parts.device),
         "baseline_img_per_s": None,
         "speedup": None,
         "img_per_s_best": B * n / min(w[0] for w in lean_runs),
@@ -323,7 +324,7 @@ def _reduce_window(acc: Any, device: torch.device, local: list[float]) -> list[f
 def _checkpoint_seconds(trainer: Any) -> float:
     """Median of CKPT_REPEATS timed `save_checkpoint()` calls (collective), into a scratch folder of the run
     directory so an existing run's checkpoints are never rotated away."""
-    scratch = trainer.run_dir / f"bench-checkpoints-{os.getpid() if trainer.world == 1 else 'shared'}"
+    scratch = trainer.run_dir / f"bench-checkpoints-{os.getpid() if trainer.parts.world == 1 else 'shared'}"
     times = []
     try:
         for _ in range(CKPT_REPEATS):
@@ -343,8 +344,8 @@ _LABELS = {
     "img_per_s": ("images/s", "global, all processes"),
     "ms_per_iter": ("ms / iteration", "one D update + one G update"),
     "ms_data": ("  data", "fetch + normalise"),
-    "ms_d_step": ("  D step", "Trainer.d_step"),
-    "ms_g_step": ("  G step", "Trainer.g_step"),
+    "ms_d_step": ("  D step", "GanStep.d_step"),
+    "ms_g_step": ("  G step", "GanStep.g_step"),
     "ms_other": ("  other", "G forward, noise, metric sums"),
     "peak_rss_mb": ("peak RSS / process", "MB, largest process"),
     "ckpt_save_s": ("checkpoint save", f"s, median of {CKPT_REPEATS}"),
