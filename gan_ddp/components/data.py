@@ -40,9 +40,7 @@ from gan_ddp.choices import DATASETS
 from gan_ddp.config import SPLITS
 from gan_ddp.errors import GanDdpError, one_line
 
-# The loaders built here are prepared by Accelerate, which on torch 2.0 (the K80 stack) needs the torch.cpu device
-# functions of torch 2.1: importing compat installs them, so a program that builds its Accelerator after
-# importing only this module gets them too.
+# Accelerate prepares the loaders built here: on torch 2.0 (K80 stack) it needs the shims importing compat installs.
 from gan_ddp.runtime import compat  # noqa: F401
 from gan_ddp.runtime.barrier import main_first
 
