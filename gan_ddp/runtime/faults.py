@@ -7,7 +7,7 @@ heavy modules that raise them. The exit codes:
     2   bad input: config, data, checkpoint, launch, run.dir in use
     3   diverged: non-finite losses or weights (gan_ddp.runtime.guard)
     74  I/O error writing or reading the run directory (EX_IOERR)
-    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; trainer.EXIT_PREEMPTED), or by
+    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; training.stop.EXIT_PREEMPTED), or by
         SIGTERM/SIGUSR1 outside the training loop (start-up, shut-down): nothing to save, rerun resumes
     130 aborted by a second Ctrl-C (no checkpoint), or a Ctrl-C outside the training loop
 """
@@ -26,7 +26,7 @@ EXIT_CRASH = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # gan_ddp.runtime.guard.EXIT_DIVERGED
 EXIT_IO = 74
-EXIT_PREEMPTED = 75  # trainer.EXIT_PREEMPTED
+EXIT_PREEMPTED = 75  # training.stop.EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process killed by Ctrl-C
 
 # errno -> what the user should read. Everything else keeps the system's own words.
