@@ -18,7 +18,7 @@ MNIST's black background, so augmented digits still look like digits on their us
 
 The draws are reproducible and independent of the number of processes: every process draws the offsets of
 the whole global batch from a generator seeded by (seed, step, stream) and takes its own rows, as
-`Trainer.noise` does for the latent vectors. So N processes augment exactly as one would, and a resumed run
+`GanStep.noise` does for the latent vectors. So N processes augment exactly as one would, and a resumed run
 draws what the unbroken run drew. This module is written here rather than taken from a library: kornia's
 augmentations are differentiable but draw from the global RNG per process (not per global sample index),
 and the reference DiffAugment code is a script, not a package.
@@ -83,7 +83,7 @@ class DiffAugment:
     def _generator(self, device: torch.device, step: int, stream: int) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device)
-        # Disjoint from Trainer.noise's seeds (which use seed * 1_000_003 + 4 * step + stream).
+        # Disjoint from GanStep.noise's seeds (which use seed * 1_000_003 + 4 * step + stream).
         return self._gen.manual_seed((self.seed * 7_000_003 + 2**40 + step * 8 + stream) % (2**63))
 
     def __call__(self, x: torch.Tensor, step: int, stream: int) -> torch.Tensor:
