@@ -32,6 +32,7 @@ from gan_ddp.components.models import (
     couples_batch,
     model_signature,
 )
+from gan_ddp.components.selfcond import UNASSIGNED, Clusterer
 from gan_ddp.config import Config, ConfigError, save_config
 from gan_ddp.errors import one_line
 from gan_ddp.runtime import checkpoint as ckpt
@@ -40,6 +41,7 @@ from gan_ddp.runtime.console import TrainingConsole
 from gan_ddp.runtime.distributed import (
     announce_host,
     average_buffers,
+    broadcast_from_main,
     check_consistency,
     check_distributed,
     choose_precision,
@@ -205,6 +207,10 @@ class Trainer:
         self.G_raw = acc.unwrap_model(self.G)
         self.D_raw = acc.unwrap_model(self.D)
         self.joint_d_forward = not couples_batch(self.D_raw)
+        self.clusterer = None  # model.clusters: the re-clusterings of D's features (selfcond.*)
+        if cfg.model.clusters:
+            plan = cfg.selfcond
+            self.clusterer = Clusterer(dataset.images, cfg.model.clusters, plan.images, plan.iters, cfg.seed)
         torch.manual_seed(cfg.seed * 7919 + 1 + self.rank)
 
         self.evaluator = self.real_stats = None
@@ -293,9 +299,12 @@ class Trainer:
         z = torch.randn(self.cfg.train.batch_size, self.cfg.model.z_dim, generator=self.noise_gen, device=self.device)
         return z[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]  # (b, z_dim)
 
-    def fake_labels(self, step: int, stream: int) -> torch.Tensor | None:
+    def fake_labels(self, step: int, stream: int, z: torch.Tensor | None = None) -> torch.Tensor | None:
         """Classes asked of a conditional G, uniform over the classes, like `noise` a function of (seed, step,
-        global sample index) (its unused streams 2 and 3); None for an unconditional model."""
+        global sample index) (its unused streams 2 and 3); a self-conditioned G's own pick for noise z (D
+        scores each fake as that class); None for an unconditional model."""
+        if self.clusterer is not None and z is not None:
+            return self.G_raw.labels(z)
         if not self.conditional:
             return None
         self.noise_gen.manual_seed((self.cfg.seed * 1_000_003 + step * 4 + 2 + stream) % (2**63))
@@ -375,18 +384,22 @@ class Trainer:
         with self.phase("data"):
             real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
         real_y = batch[1] if self.conditional else None
-        fake_y = self.fake_labels(step, 0)
+        if self.clusterer is not None:  # self-conditioned: D scores each real image as its nearest cluster
+            real_y = torch.full((real.size(0),), UNASSIGNED, device=real.device)
+        z = self.noise(step, 0)
+        fake_y = self.fake_labels(step, 0, z)
         with self.accelerator.autocast():
-            fake = self.generate(self.noise(step, 0), fake_y)  # (b, 1, 28, 28)
+            fake = self.generate(z, fake_y)  # (b, 1, 28, 28)
         with self.phase("d_step"):
             loss_d, score_real, score_fake = self.d_step(real, fake, step, real_y, fake_y)
         one = torch.ones((), device=self.device)
         stats = {"loss/d": loss_d, "score/real": score_real, "score/fake": score_fake, "steps": one}
         if step % self.cfg.optim.d_steps == 0:
             if not self.cfg.train.reuse_fake:
-                fake_y = self.fake_labels(step, 1)
+                z = self.noise(step, 1)
+                fake_y = self.fake_labels(step, 1, z)
                 with self.accelerator.autocast():
-                    fake = self.generate(self.noise(step, 1), fake_y)
+                    fake = self.generate(z, fake_y)
             with self.phase("g_step"):
                 stats |= {"loss/g": self.g_step(fake, step, fake_y), "g_steps": one}
         self.window.add(stats)  # stays on the device: no sync per step
@@ -870,9 +883,18 @@ class Trainer:
         if not final and self.cfg.train.check_consistency:
             self.consistency_checks += bool(self.check_consistency(buffers=False))
 
+    def recluster(self) -> None:
+        """Self-conditioned: cluster D's features of real images again (every rank, then rank 0's result for
+        all: ranks' BatchNorm statistics differ between checkpoints)."""
+        result = self.clusterer.recluster(self.G_raw, self.D_raw, self.step)
+        broadcast_from_main(self.accelerator, [self.D_raw.centroids, self.G_raw.prior])
+        self.console.print(result.line())
+
     def _periodic_outputs(self, last_saved: int) -> int:
         """The sample grid, evaluation and checkpoint due at this step; returns the last checkpointed step."""
         cfg = self.cfg
+        if self.clusterer is not None and cfg.selfcond.due(self.step):
+            self.recluster()
         if self.step % cfg.log.sample_every == 0:
             self._save_grid()
         if cfg.eval.every and self.step % cfg.eval.every == 0:
