@@ -111,12 +111,18 @@ class LossConfig:
     kind: str = "bce"  # choices.LOSSES: bce (non-saturating) | hinge | wgan-gp
     real_label: float = 1.0  # one-sided label smoothing for bce, e.g. 0.9
     gp_weight: float = 10.0  # wgan-gp gradient penalty weight
+    # R1 on real images (any loss): gamma / 2 * mean ||grad_x D(x)||^2, applied lazily every r1_every D steps
+    # and scaled by r1_every (StyleGAN2's lazy regularisation: the same average penalty, 1/r1_every the cost).
+    r1_gamma: float = 0.0  # 0: off
+    r1_every: int = 16
 
     def __post_init__(self) -> None:
         choices.LOSSES.check(self.kind)
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"loss.real_label: {self.real_label} is not allowed; must be in (0.5, 1]")
         _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
+        _positive("loss.r1_gamma", self.r1_gamma, allow_zero=True)
+        _positive("loss.r1_every", self.r1_every)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from gan_ddp.components.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL, DiffAugment
 from gan_ddp.components.data import BUNDLED, DataError, ImageTensorDataset, load_data, make_train_loader, normalize
-from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty, r1_penalty
 from gan_ddp.components.models import (
     N_CLASSES,
     build_models,
@@ -339,6 +339,9 @@ class Trainer:
         if LOSSES[cfg.kind].per_sample_penalty:  # conditional: interpolates are scored as the real images' classes
             critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
             loss = loss + cfg.gp_weight * gradient_penalty(critic, real_in, fake_in.detach())
+        if cfg.r1_gamma and step % cfg.r1_every == 0:  # lazy R1: every r1_every steps, weighted r1_every times
+            critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
+            loss = loss + (cfg.r1_gamma / 2 * cfg.r1_every) * r1_penalty(critic, real_in)
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self._step_and_count_skip(self.opt_d, 0)
@@ -680,6 +683,12 @@ class Trainer:
             "loss.kind": c.loss.kind,
             "loss.real_label": c.loss.real_label,
             "loss.gp_weight": c.loss.gp_weight,
+            "loss.r1_gamma": c.loss.r1_gamma,
+            "loss.r1_every": c.loss.r1_every,
+            "selfcond.start": c.selfcond.start,
+            "selfcond.every": c.selfcond.every,
+            "selfcond.images": c.selfcond.images,
+            "selfcond.iters": c.selfcond.iters,
             "model.dropout": c.model.dropout,
             "model.leaky_slope": c.model.leaky_slope,
             "optim.beta1": c.optim.beta1,
