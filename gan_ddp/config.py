@@ -83,9 +83,18 @@ class ModelConfig:
     # input (MLP) or through class-conditional BatchNorm (DCGAN), D is a projection discriminator. Why these:
     # gan_ddp/components/models.py and docs/conditional.md.
     conditional: bool = False
+    # Self-conditioned (no labels used): k > 0 trains the conditional networks on k pseudo-classes, the k-means
+    # clusters of D's features of real images (selfcond.*; gan_ddp/components/selfcond.py). G stays G(z).
+    clusters: int = 0
 
     def __post_init__(self) -> None:
         choices.ARCHS.check(self.arch)
+        if self.clusters == 1 or self.clusters < 0:
+            raise ConfigError(f"model.clusters: {self.clusters} is not allowed; must be 0 (off) or >= 2")
+        if self.clusters and self.conditional:
+            raise ConfigError(
+                "model.clusters: needs model.conditional=false (classes come from clustering, not from labels)"
+            )
         for key in ("z_dim", "g_channels", "d_channels"):
             _positive(f"model.{key}", getattr(self, key))
         for key in ("g_hidden", "d_hidden"):
@@ -102,12 +111,18 @@ class LossConfig:
     kind: str = "bce"  # choices.LOSSES: bce (non-saturating) | hinge | wgan-gp
     real_label: float = 1.0  # one-sided label smoothing for bce, e.g. 0.9
     gp_weight: float = 10.0  # wgan-gp gradient penalty weight
+    # R1 on real images (any loss): gamma / 2 * mean ||grad_x D(x)||^2, applied lazily every r1_every D steps
+    # and scaled by r1_every (StyleGAN2's lazy regularisation: the same average penalty, 1/r1_every the cost).
+    r1_gamma: float = 0.0  # 0: off
+    r1_every: int = 16
 
     def __post_init__(self) -> None:
         choices.LOSSES.check(self.kind)
         if not 0.5 < self.real_label <= 1.0:
             raise ConfigError(f"loss.real_label: {self.real_label} is not allowed; must be in (0.5, 1]")
         _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
+        _positive("loss.r1_gamma", self.r1_gamma, allow_zero=True)
+        _positive("loss.r1_every", self.r1_every)
 
 
 @dataclass
@@ -241,6 +256,23 @@ class EvalConfig:
 
 
 @dataclass
+class SelfCondConfig:
+    """When a self-conditioned model (model.clusters > 0) re-clusters D's features of real images."""
+
+    start: int = 1000  # the first clustering, at this step (until then: one class, an unconditional GAN)
+    every: int = 2000  # then every this many steps
+    images: int = 10000  # training images clustered (a fixed random subset)
+    iters: int = 20  # k-means iterations per clustering
+
+    def __post_init__(self) -> None:
+        for key in ("start", "every", "images", "iters"):
+            _positive(f"selfcond.{key}", getattr(self, key))
+
+    def due(self, step: int) -> bool:
+        return step == self.start or (step > self.start and (step - self.start) % self.every == 0)
+
+
+@dataclass
 class AugmentConfig:
     # Differentiable augmentation of everything D sees (DiffAugment, Zhao et al. 2020), real and fake alike,
     # in the D and the G step: a comma-separated list of ops from choices.AUGMENT_OPS, "" (off) by default.
@@ -283,6 +315,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    selfcond: SelfCondConfig = field(default_factory=SelfCondConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:  # what NumPy's seeding takes; torch's would wrap a negative one silently

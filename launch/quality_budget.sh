@@ -8,7 +8,8 @@
 #
 #   launch/quality_budget.sh [OUT_DIR] [SECONDS] [key=value ...]    # overrides go to every run
 #   environment: N_SAMPLES (per score, default 10000), POINTS (textbook snapshots, default 10),
-#   GAN_DDP (the gan-ddp executable), PYTHON
+#   GAN_DDP (the gan-ddp executable), PYTHON, CONFIGS (which runs, default all: "mnist_mlp mnist_dcgan
+#   mnist_quality mnist_conditional textbook"; e.g. CONFIGS=mnist_quality to check the recommended one alone)
 #   e.g. launch/quality_budget.sh runs/quality600 600 data.root=bundled data.split=test
 #
 # Runs that finished their budget are kept (a BUDGET_DONE file) and only scored again when re-run;
@@ -23,6 +24,17 @@ GAN=${GAN_DDP:-.venv/bin/gan-ddp}
 PY=${PYTHON:-.venv/bin/python}
 N=${N_SAMPLES:-10000}   # samples per score
 POINTS=${POINTS:-10}    # textbook-loop snapshots over the budget
+read -r -a RUNS <<<"${CONFIGS:-mnist_mlp mnist_dcgan mnist_quality mnist_conditional textbook}"
+for name in "${RUNS[@]}"; do
+    case $name in
+        mnist_mlp | mnist_dcgan | mnist_quality | mnist_conditional | textbook) ;;
+        *) echo "error: CONFIGS: unknown run '$name' (mnist_mlp mnist_dcgan mnist_quality mnist_conditional textbook)" >&2; exit 2 ;;
+    esac
+done
+wanted() { [[ " ${RUNS[*]} " == *" $1 "* ]]; }
+# The real data every score uses is the first gan-ddp run's (the textbook loop has no config.yaml).
+first=$(for name in "${RUNS[@]}"; do [ "$name" != textbook ] && echo "$name"; done | head -n 1 || true)
+[ -n "$first" ] || { echo "error: CONFIGS: the textbook loop is scored against the data of a gan-ddp run; add one (e.g. mnist_mlp)" >&2; exit 2; }
 EVERY=$(( SECONDS_BUDGET / POINTS > 0 ? SECONDS_BUDGET / POINTS : 1 ))
 mkdir -p "$OUT"
 
@@ -34,6 +46,7 @@ echo "machine: ${cpu_model:-unknown CPU}, $(nproc) cores, flags: ${cpu_flags:-no
 
 train() {  # name config checkpoint.every
     # A finished run is not trained again: max_seconds is per session, a resume would add a second budget.
+    wanted "$1" || return 0
     [ -f "$OUT/$1/BUDGET_DONE" ] && return 0
     rm -rf "${OUT:?}/$1"
     # epochs very large: the time budget, not the config's epoch count, ends every run; no evaluation
@@ -46,7 +59,7 @@ train mnist_mlp configs/mnist_mlp.yaml 2000
 train mnist_dcgan configs/mnist_dcgan.yaml 250
 train mnist_quality configs/mnist_quality.yaml 1000
 train mnist_conditional configs/mnist_conditional.yaml 1000
-if [ ! -f "$OUT/textbook/BUDGET_DONE" ]; then
+if wanted textbook && [ ! -f "$OUT/textbook/BUDGET_DONE" ]; then
     rm -rf "${OUT:?}/textbook"
     "$GAN" textbook --config configs/mnist_mlp.yaml --seconds "$SECONDS_BUDGET" --every "$EVERY" --n "$N" \
         --out "$OUT/textbook" "${OVERRIDES[@]}"
@@ -55,33 +68,35 @@ fi
 
 # The textbook samples are scored against the real data the runs used.
 data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sys.argv[1]).data; print(d.dataset, d.root, d.split)' \
-    "$OUT/mnist_mlp/config.yaml")
+    "$OUT/$first/config.yaml")
 read -r dataset root split <<<"$data"
 for evaluator in cnn mlp; do
     for name in mnist_mlp mnist_dcgan mnist_quality mnist_conditional; do
+        wanted "$name" || continue
         "$GAN" eval --run "$OUT/$name" --all-checkpoints --n "$N" --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
     done
+    wanted textbook || continue
     for npz in "$OUT"/textbook/t*.npz; do
         "$GAN" eval --samples "$npz" --dataset "$dataset" --root "$root" --split "$split" --evaluator "$evaluator" \
             --json "${npz%.npz}.$evaluator.json"
     done
 done
-"$PY" - "$OUT" "$SECONDS_BUDGET" <<'EOF'
+"$PY" - "$OUT" "$SECONDS_BUDGET" "${RUNS[@]}" <<'EOF'
 import json, sys
-out, budget = sys.argv[1], float(sys.argv[2])
+out, budget, runs = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
 for evaluator in ("cnn", "mlp"):
     curves = {}
     finals = {}
-    for name in ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional"):
+    for name in [r for r in ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional") if r in runs]:
         rows = json.load(open(f"{out}/{name}.{evaluator}.json"))["rows"]
         curves[name] = [(r["time_s"], r["eval/fid"], r["eval/coverage"]) for r in rows]
         finals[name] = rows[-1]
-    log = [json.loads(line) for line in open(f"{out}/textbook/log.jsonl")]
-    tb = []
-    for line in log:
-        m = json.load(open(f"{out}/textbook/{line['samples'][:-4]}.{evaluator}.json"))
-        tb.append((line["time_s"], m["eval/fid"], m["eval/coverage"]))
-    curves["textbook loop"] = tb
+    if "textbook" in runs:
+        tb = []
+        for line in map(json.loads, open(f"{out}/textbook/log.jsonl")):
+            m = json.load(open(f"{out}/textbook/{line['samples'][:-4]}.{evaluator}.json"))
+            tb.append((line["time_s"], m["eval/fid"], m["eval/coverage"]))
+        curves["textbook loop"] = tb
     print(f"\n{evaluator} evaluator: FID (classes covered) at training time t")
     marks = [budget / 10, budget / 5, budget / 2, budget]
     print("| config | " + " | ".join(f"t ≤ {m:.0f} s" for m in marks) + " |")

@@ -137,6 +137,7 @@ def fake_trainer(rank: int, world: int, batch: int = 12, seed: int = 5) -> types
     return types.SimpleNamespace(
         cfg=cfg,
         conditional=True,
+        self_conditioned=False,
         noise_gen=torch.Generator(),
         device=torch.device("cpu"),
         rank=rank,

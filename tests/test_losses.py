@@ -103,3 +103,33 @@ def test_d_scores() -> None:
     assert d_fake.item() == pytest.approx(0.75)
     assert d_real.dim() == 0 and d_fake.dim() == 0
     assert not d_real.requires_grad and not d_fake.requires_grad
+
+
+def test_r1_penalty_is_the_mean_squared_input_gradient_and_trains_d() -> None:
+    from gan_ddp.components.losses import r1_penalty
+
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    real = torch.randn(6, 1, 3, 4)
+    penalty = r1_penalty(lambda x: D(x).squeeze(1), real)
+    x = real.clone().requires_grad_(True)
+    by_hand = torch.stack([torch.autograd.grad(D(x[i : i + 1]).sum(), x)[0][i].pow(2).sum() for i in range(6)]).mean()
+    torch.testing.assert_close(penalty, by_hand)
+    penalty.backward()  # the graph was kept: the penalty reaches D's weights
+    assert D[1].weight.grad is not None and D[1].weight.grad.abs().sum() > 0
+    assert r1_penalty(lambda x: (x * 0).flatten(1).sum(1), real) == 0  # a flat D has no slope
+
+
+def test_lazy_r1_applies_only_on_its_steps(tmp_path) -> None:
+    """loss.r1_gamma changes training on the steps r1_every divides, and only there."""
+    from _runs import checkpoint_tensors, newest_checkpoint, train_inproc
+
+    def weights(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        assert train_inproc(tmp_path / name, "train.steps=4", "checkpoint.every=100", *overrides) == 0
+        return {k: v for k, v in checkpoint_tensors(newest_checkpoint(tmp_path / name)).items() if k.startswith("D.")}
+
+    plain = weights("plain")
+    never = weights("never", "loss.r1_gamma=10", "loss.r1_every=5")  # steps 1-4: not one multiple of 5
+    every2 = weights("every2", "loss.r1_gamma=10", "loss.r1_every=2")
+    assert all(torch.equal(plain[k], never[k]) for k in plain)
+    assert any(not torch.equal(plain[k], every2[k]) for k in plain)

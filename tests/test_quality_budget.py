@@ -87,3 +87,22 @@ def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: 
             assert all(0 <= float(c) <= 1 for c in cells[4:6]), row  # precision, recall
             conditional = re.fullmatch(r"\d+\.\d% \(\d+\.\d%\)", cells[7])
             assert bool(conditional) == (name == "mnist_conditional"), row
+
+
+@pytest.mark.parametrize(
+    ("configs", "culprit"), [("mnist_quality bogus", "unknown run 'bogus'"), ("textbook", "add one (e.g. mnist_mlp)")]
+)
+def test_quality_budget_refuses_a_run_list_it_cannot_score(tmp_path: Path, configs: str, culprit: str) -> None:
+    """CONFIGS picks the runs (e.g. the recommended config alone); a bad list stops before any training."""
+    env = {**os.environ, "CONFIGS": configs, "GAN_DDP": "/bin/false"}
+    proc = subprocess.run(
+        ["bash", "launch/quality_budget.sh", str(tmp_path / "q"), "5"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: CONFIGS: ") and proc.stderr.count("\n") == 1 and culprit in proc.stderr
+    assert not (tmp_path / "q").exists()  # nothing trained, nothing written

@@ -94,6 +94,18 @@ def gradient_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.T
         return (norm - 1.0).pow(2).mean()
 
 
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
+    """R1 (Mescheder et al. 2018): ``mean ||grad_x D(x)||^2`` over the real images (unweighted, float32).
+
+    It penalises D's slope on the data only, where WGAN-GP's penalty also pulls it towards 1 between real
+    and fake; with the weight gamma / 2, as in that paper and StyleGAN2. Same autocast and graph handling
+    as `gradient_penalty`. With a BatchNorm D the batch's images share statistics, as in its forward."""
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        x = real.detach().float().requires_grad_(True)
+        (grad,) = torch.autograd.grad(outputs=discriminator(x).float().sum(), inputs=x, create_graph=True)
+        return grad.flatten(1).pow(2).sum(dim=1).mean()
+
+
 @torch.no_grad()
 def d_scores(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean D(x) and D(G(z)) probabilities as detached 0-dim float32 tensors (no host sync)."""

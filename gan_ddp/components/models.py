@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from gan_ddp.components.selfcond import SelfConditionedDiscriminator, quantile_labels
 from gan_ddp.registry import Registry
 
 if TYPE_CHECKING:
@@ -39,18 +40,20 @@ N_CLASSES = 10  # MNIST and Fashion-MNIST both have ten
 #     which pushes G towards easily classified, less diverse samples, in that paper's comparisons.
 
 
-def _class_weights(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N_CLASSES) weights from class indices (B,) or soft labels (B, N_CLASSES)."""
+def _class_weights(y: torch.Tensor, dtype: torch.dtype, classes: int = N_CLASSES) -> torch.Tensor:
+    """(B, classes) weights from class indices (B,) or soft labels (B, classes)."""
     if y.dim() == 1:
-        return nn.functional.one_hot(y.long(), N_CLASSES).to(dtype)
-    if y.dim() == 2 and y.size(1) == N_CLASSES:
+        return nn.functional.one_hot(y.long(), classes).to(dtype)
+    if y.dim() == 2 and y.size(1) == classes:
         return y.to(dtype)
-    raise ValueError(f"labels must be (B,) class indices or (B, {N_CLASSES}) class weights, got {tuple(y.shape)}")
+    raise ValueError(f"labels must be (B,) class indices or (B, {classes}) class weights, got {tuple(y.shape)}")
 
 
 def _embed(table: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
     """Rows of ``table`` for class indices, or their weighted mix for soft labels: (B, dim)."""
-    return table(y.long()) if y.dim() == 1 else _class_weights(y, table.weight.dtype) @ table.weight
+    if y.dim() == 1:
+        return table(y.long())
+    return _class_weights(y, table.weight.dtype, table.num_embeddings) @ table.weight
 
 
 def _require_labels(y: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
@@ -65,11 +68,11 @@ class ConditionalBatchNorm(nn.Module):
     """BatchNorm without its own affine, followed by a gain and bias looked up per class (initialised to the
     identity, gain 1 and bias 0). Works on (B, C) and (B, C, H, W)."""
 
-    def __init__(self, features: int, two_d: bool) -> None:
+    def __init__(self, features: int, two_d: bool, classes: int = N_CLASSES) -> None:
         super().__init__()
         self.bn = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(features, affine=False)
-        self.gain = nn.Embedding(N_CLASSES, features)
-        self.bias = nn.Embedding(N_CLASSES, features)
+        self.gain = nn.Embedding(classes, features)
+        self.bias = nn.Embedding(classes, features)
         nn.init.ones_(self.gain.weight)
         nn.init.zeros_(self.bias.weight)
 
@@ -108,6 +111,27 @@ class HubGenerator(
             )
         return super()._from_pretrained(strict=strict, **kwargs)
 
+    # Self-conditioned (`model.clusters` k > 0, gan_ddp/components/selfcond.py): a conditional network over k
+    # pseudo-classes that is unconditional from outside: G(z) picks its class from z (`labels`), in proportion
+    # to the clusters' sizes (the buffer `prior`), so every sampler, evaluator and export draws it as G(z).
+    clusters: int = 0
+
+    def _init_clusters(self, clusters: int) -> int:
+        """Set up the pseudo-classes; returns the number of classes the conditional layers need (0: none)."""
+        self.clusters = clusters
+        if clusters:
+            prior = torch.zeros(clusters)
+            prior[0] = 1.0  # until the first clustering: one class, an unconditional GAN
+            self.register_buffer("prior", prior)
+        return clusters or (N_CLASSES if self.conditional else 0)
+
+    def labels(self, z: torch.Tensor) -> torch.Tensor:
+        """Self-conditioned G: the class (B,) it draws for noise z (B, z_dim)."""
+        return quantile_labels(z, self.prior)
+
+    def _labels_for(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return _require_labels(self.labels(z) if self.clusters and y is None else y, z)
+
 
 # --------------------------------------------------------------------------- MLP
 class MLPGenerator(HubGenerator):
@@ -115,12 +139,15 @@ class MLPGenerator(HubGenerator):
 
     arch = "mlp"
 
-    def __init__(self, z_dim: int, hidden: list[int], leaky_slope: float = 0.2, conditional: bool = False) -> None:
+    def __init__(
+        self, z_dim: int, hidden: list[int], leaky_slope: float = 0.2, conditional: bool = False, clusters: int = 0
+    ) -> None:
         super().__init__()
         self.z_dim = z_dim
         self.conditional = conditional
+        self.classes = self._init_clusters(clusters)
         layers: list[nn.Module] = []
-        width = z_dim + (N_CLASSES if conditional else 0)  # conditional: [z, one-hot label]
+        width = z_dim + self.classes  # conditional: [z, one-hot label]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LeakyReLU(leaky_slope)]
             width = h
@@ -128,8 +155,8 @@ class MLPGenerator(HubGenerator):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.conditional:
-            z = torch.cat([z, _class_weights(_require_labels(y, z), z.dtype)], dim=1)  # (B, z_dim + 10)
+        if self.classes:
+            z = torch.cat([z, _class_weights(self._labels_for(z, y), z.dtype, self.classes)], dim=1)  # (B, z_dim + k)
         return self.net(z).view(z.size(0), *IMG_SHAPE)  # (B, 1, 28, 28) in [-1, 1]
 
 
@@ -150,7 +177,12 @@ class MLPDiscriminator(nn.Module):
     """The classic tutorial MLP discriminator, minus the final Sigmoid (returns logits)."""
 
     def __init__(
-        self, hidden: list[int], leaky_slope: float = 0.2, dropout: float = 0.3, conditional: bool = False
+        self,
+        hidden: list[int],
+        leaky_slope: float = 0.2,
+        dropout: float = 0.3,
+        conditional: bool = False,
+        classes: int = N_CLASSES,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -162,7 +194,15 @@ class MLPDiscriminator(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
-        self.embed = _projection_embedding(width) if conditional else None
+        self.embed = _projection_embedding(width, classes) if conditional else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x): (B, width), the features before the last linear layer."""
+        return self.net[:-1](x.flatten(1))
+
+    def head(self, phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Conditional D only: the logits (B,) of features ``phi`` as class ``y``."""
+        return project_features(self.net[-1], self.embed, phi, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return _project(self.net, self.embed, x.flatten(1), y)  # (B, 784) -> (B,) logits
@@ -174,10 +214,11 @@ class DCGANGenerator(HubGenerator):
 
     arch = "dcgan"
 
-    def __init__(self, z_dim: int, channels: int = 128, conditional: bool = False) -> None:
+    def __init__(self, z_dim: int, channels: int = 128, conditional: bool = False, clusters: int = 0) -> None:
         super().__init__()
         self.z_dim = z_dim
         self.conditional = conditional
+        self.classes = classes = self._init_clusters(clusters)
         g = channels
         self._base = (2 * g, 7, 7)
         # Biases are dropped wherever BatchNorm follows: BN's shift makes them redundant.
@@ -193,15 +234,15 @@ class DCGANGenerator(HubGenerator):
             nn.ConvTranspose2d(g, 1, kernel_size=4, stride=2, padding=1),  # (B, 1, 28, 28)
             nn.Tanh(),
         )
-        if conditional:  # the same layers, with each BatchNorm made class-conditional (same parameter names)
-            self.project[1] = ConditionalBatchNorm(2 * g * 7 * 7, two_d=False)
-            self.deconv[1] = ConditionalBatchNorm(g, two_d=True)
+        if classes:  # the same layers, with each BatchNorm made class-conditional (same parameter names)
+            self.project[1] = ConditionalBatchNorm(2 * g * 7 * 7, two_d=False, classes=classes)
+            self.deconv[1] = ConditionalBatchNorm(g, two_d=True, classes=classes)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.conditional:
+        if not self.classes:
             h = self.project(z).view(z.size(0), *self._base)  # (B, 2g, 7, 7)
             return self.deconv(h)  # (B, 1, 28, 28) in [-1, 1]
-        y = _require_labels(y, z)
+        y = self._labels_for(z, y)
         h = self.project[2](self.project[1](self.project[0](z), y)).view(z.size(0), *self._base)
         h = self.deconv[2](self.deconv[1](self.deconv[0](h), y))  # (B, g, 14, 14)
         return self.deconv[4](self.deconv[3](h))  # (B, 1, 28, 28) in [-1, 1]
@@ -215,7 +256,12 @@ class DCGANDiscriminator(nn.Module):
     """
 
     def __init__(
-        self, channels: int = 64, leaky_slope: float = 0.2, batchnorm: bool = True, conditional: bool = False
+        self,
+        channels: int = 64,
+        leaky_slope: float = 0.2,
+        batchnorm: bool = True,
+        conditional: bool = False,
+        classes: int = N_CLASSES,
     ) -> None:
         super().__init__()
         d = channels
@@ -230,15 +276,23 @@ class DCGANDiscriminator(nn.Module):
             nn.Flatten(),  # (B, 2d*7*7)
             nn.Linear(2 * d * 7 * 7, 1),
         )
-        self.embed = _projection_embedding(2 * d * 7 * 7) if conditional else None
+        self.embed = _projection_embedding(2 * d * 7 * 7, classes) if conditional else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x): (B, 2d*7*7), the features before the last linear layer."""
+        return self.net[:-1](x)
+
+    def head(self, phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Conditional D only: the logits (B,) of features ``phi`` as class ``y``."""
+        return project_features(self.net[-1], self.embed, phi, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return _project(self.net, self.embed, x, y)  # (B,) logits
 
 
-def _projection_embedding(width: int) -> nn.Embedding:
+def _projection_embedding(width: int, classes: int = N_CLASSES) -> nn.Embedding:
     """The class embedding of a projection discriminator (Xavier-uniform, as in Miyato & Koyama's code)."""
-    embed = nn.Embedding(N_CLASSES, width)
+    embed = nn.Embedding(classes, width)
     nn.init.xavier_uniform_(embed.weight)
     return embed
 
@@ -248,8 +302,12 @@ def _project(net: nn.Sequential, embed: nn.Embedding | None, x: torch.Tensor, y:
     if embed is None:
         return net(x).squeeze(1)
     y = _require_labels(y, x)
-    phi = net[:-1](x)  # (B, width): the features before D's last linear layer
-    return net[-1](phi).squeeze(1) + (_embed(embed, y).to(phi.dtype) * phi).sum(1)
+    return project_features(net[-1], embed, net[:-1](x), y)  # net[:-1](x): phi, the features before psi
+
+
+def project_features(psi: nn.Module, embed: nn.Embedding, phi: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A projection discriminator's logits (B,) from its features phi (B, width): psi(phi) + <embed(y), phi>."""
+    return psi(phi).squeeze(1) + (_embed(embed, y).to(phi.dtype) * phi).sum(1)
 
 
 @torch.no_grad()
@@ -321,15 +379,29 @@ class Arch:
 ARCHS: Registry[Arch] = Registry("model.arch")
 
 
+def _clusters(cfg: ModelConfig) -> int:
+    return int(getattr(cfg, "clusters", 0) or 0)
+
+
+def _self_conditioned(cfg: ModelConfig) -> tuple[dict[str, int], dict[str, Any]]:
+    """Keywords for a self-conditioned G and D (k pseudo-classes); none otherwise, so a labelled or
+    unconditional model's exported config.json is what it always was."""
+    k = _clusters(cfg)
+    return ({"clusters": k}, {"conditional": True, "classes": k}) if k else ({}, {})
+
+
 def _build_mlp(cfg: ModelConfig, conditional: bool) -> tuple[nn.Module, nn.Module]:
     # PyTorch default init, as in the tutorials this reproduces.
-    gen = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope, conditional)
-    return gen, MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout, conditional)
+    g_kw, d_kw = _self_conditioned(cfg)
+    gen = MLPGenerator(cfg.z_dim, list(cfg.g_hidden), cfg.leaky_slope, conditional, **g_kw)
+    disc = MLPDiscriminator(list(cfg.d_hidden), cfg.leaky_slope, cfg.dropout, **({"conditional": conditional} | d_kw))
+    return gen, disc
 
 
 def _build_dcgan(cfg: ModelConfig, conditional: bool) -> tuple[nn.Module, nn.Module]:
-    gen = DCGANGenerator(cfg.z_dim, cfg.g_channels, conditional)
-    disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm, conditional)
+    g_kw, d_kw = _self_conditioned(cfg)
+    gen = DCGANGenerator(cfg.z_dim, cfg.g_channels, conditional, **g_kw)
+    disc = DCGANDiscriminator(cfg.d_channels, cfg.leaky_slope, cfg.d_batchnorm, **({"conditional": conditional} | d_kw))
     dcgan_init_(gen)
     dcgan_init_(disc)
     return gen, disc
@@ -343,8 +415,10 @@ ARCHS.add(
 
 # ------------------------------------------------------------------------ public
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """Return ``(generator, discriminator)`` for ``cfg.arch``."""
-    return ARCHS[cfg.arch].build(cfg, bool(getattr(cfg, "conditional", False)))
+    """Return ``(generator, discriminator)`` for ``cfg.arch``; with ``model.clusters`` k > 0, the self-conditioned
+    pair: G over k pseudo-classes, unconditional from outside; D a `selfcond.SelfConditionedDiscriminator`."""
+    G, D = ARCHS[cfg.arch].build(cfg, bool(getattr(cfg, "conditional", False)))
+    return (G, SelfConditionedDiscriminator(D, _clusters(cfg))) if _clusters(cfg) else (G, D)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -363,6 +437,8 @@ def model_signature(cfg: ModelConfig) -> dict[str, Any]:
     sig: dict[str, Any] = {"arch": cfg.arch, "z_dim": int(cfg.z_dim)}
     if getattr(cfg, "conditional", False):
         sig["conditional"] = True
+    if getattr(cfg, "clusters", 0):  # like conditional: absent when off, so older checkpoints still match
+        sig["clusters"] = int(cfg.clusters)
     for key in ARCHS[cfg.arch].options:
         value = getattr(cfg, key)  # a list of widths (OmegaConf may hand a ListConfig), a width, or a switch
         sig[key] = [int(v) for v in value] if not isinstance(value, (int, bool)) else value

@@ -171,6 +171,16 @@ def average_buffers(accelerator, modules: Iterable[nn.Module]) -> None:
                 buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
 
 
+def broadcast_from_main(accelerator, tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor, in place, with the main process's; all ranks must call."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast
+
+    for t in tensors:
+        t.copy_(broadcast(t.detach().clone(), from_process=0))
+
+
 def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
     """Per-tensor float64 checksums (sum and a position-weighted sum, so permutations are caught)."""
     names, sums = [], []

@@ -21,6 +21,7 @@ import torch
 from gan_ddp.components.augment import DiffAugment
 from gan_ddp.components.data import BUNDLED, DataError, DataInfo, ImageTensorDataset, load_data, make_train_loader
 from gan_ddp.components.models import N_CLASSES, build_models, class_grid_inputs, count_parameters
+from gan_ddp.components.selfcond import Clusterer
 from gan_ddp.config import Config, ConfigError
 from gan_ddp.runtime import compat, runlock
 from gan_ddp.runtime.console import TrainingConsole
@@ -75,6 +76,7 @@ class Parts:
     fixed_noise: torch.Tensor  # the grids' inputs: (n, z_dim) on the device
     fixed_labels: torch.Tensor | None  # (n,) classes of a conditional model's grid rows
     augment: DiffAugment
+    clusterer: Clusterer | None  # model.clusters: re-clusters D's features of real images (selfcond.*)
 
 
 def resolve_precision(requested: str) -> tuple[str, str]:
@@ -221,6 +223,9 @@ def _build(cfg, created, precision, reason, acc, console, run_dir, lock) -> Part
         fixed_noise=fixed_noise,
         fixed_labels=fixed_labels,
         augment=DiffAugment(cfg.augment, cfg.seed, B, rank, local_batch),
+        clusterer=Clusterer(images.unsqueeze(1), cfg.model.clusters, plan.images, plan.iters, cfg.seed)
+        if (plan := cfg.selfcond) and cfg.model.clusters
+        else None,
     )
 
 

@@ -21,8 +21,9 @@ import torch
 
 from gan_ddp.components.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL
 from gan_ddp.components.data import normalize
-from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty
+from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty, r1_penalty
 from gan_ddp.components.models import N_CLASSES, couples_batch
+from gan_ddp.components.selfcond import UNASSIGNED
 from gan_ddp.runtime import compat
 from gan_ddp.training.metrics import MetricWindow
 
@@ -47,6 +48,7 @@ class GanStep:
         self.opt_g, self.opt_d = parts.opt_g, parts.opt_d
         self.ema, self.augment = parts.ema, parts.augment
         self.conditional = parts.cfg.model.conditional
+        self.self_conditioned = bool(parts.cfg.model.clusters)  # classes: G's own pick; D's nearest cluster
         self.joint_d_forward = not couples_batch(self.D_raw)  # no BatchNorm in D: one forward over [real; fake]
         self.cuda_graphs = parts.cuda_graphs
         self.noise_gen = torch.Generator(device=self.device)
@@ -64,9 +66,12 @@ class GanStep:
         z = torch.randn(self.cfg.train.batch_size, self.cfg.model.z_dim, generator=self.noise_gen, device=self.device)
         return z[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]  # (b, z_dim)
 
-    def fake_labels(self, step: int, stream: int) -> torch.Tensor | None:
+    def fake_labels(self, step: int, stream: int, z: torch.Tensor | None = None) -> torch.Tensor | None:
         """Classes asked of a conditional G, uniform over the classes, like `noise` a function of (seed, step,
-        global sample index) (its unused streams 2 and 3); None for an unconditional model."""
+        global sample index) (its unused streams 2 and 3); a self-conditioned G's own pick for noise z (D
+        scores each fake as that class); None for an unconditional model."""
+        if self.self_conditioned and z is not None:
+            return self.G_raw.labels(z)
         if not self.conditional:
             return None
         self.noise_gen.manual_seed((self.cfg.seed * 1_000_003 + step * 4 + 2 + stream) % (2**63))
@@ -104,6 +109,9 @@ class GanStep:
         if LOSSES[cfg.kind].per_sample_penalty:  # conditional: interpolates are scored as the real images' classes
             critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
             loss = loss + cfg.gp_weight * gradient_penalty(critic, real_in, fake_in.detach())
+        if cfg.r1_gamma and step % cfg.r1_every == 0:  # lazy R1: every r1_every steps, weighted r1_every times
+            critic = self.D if real_y is None else (lambda x: self.D(x, real_y))
+            loss = loss + (cfg.r1_gamma / 2 * cfg.r1_every) * r1_penalty(critic, real_in)
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self._step_and_count_skip(self.opt_d, 0)
@@ -149,18 +157,22 @@ class GanStep:
         with self.phase("data"):
             real = normalize(batch[0])  # uint8 (b, 1, 28, 28) -> float in [-1, 1], on the device
         real_y = batch[1] if self.conditional else None
-        fake_y = self.fake_labels(step, 0)
+        if self.self_conditioned:  # D scores each real image as its nearest cluster; no label is read
+            real_y = torch.full((real.size(0),), UNASSIGNED, device=real.device)
+        z = self.noise(step, 0)
+        fake_y = self.fake_labels(step, 0, z)
         with self.accelerator.autocast():
-            fake = self.generate(self.noise(step, 0), fake_y)  # (b, 1, 28, 28)
+            fake = self.generate(z, fake_y)  # (b, 1, 28, 28)
         with self.phase("d_step"):
             loss_d, score_real, score_fake = self.d_step(real, fake, step, real_y, fake_y)
         one = torch.ones((), device=self.device)
         stats = {"loss/d": loss_d, "score/real": score_real, "score/fake": score_fake, "steps": one}
         if step % self.cfg.optim.d_steps == 0:
             if not self.cfg.train.reuse_fake:
-                fake_y = self.fake_labels(step, 1)
+                z = self.noise(step, 1)
+                fake_y = self.fake_labels(step, 1, z)
                 with self.accelerator.autocast():
-                    fake = self.generate(self.noise(step, 1), fake_y)
+                    fake = self.generate(z, fake_y)
             with self.phase("g_step"):
                 stats |= {"loss/g": self.g_step(fake, step, fake_y), "g_steps": one}
         self.window.add(stats)  # stays on the device: no sync per step

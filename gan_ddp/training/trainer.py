@@ -27,7 +27,7 @@ from typing import Any
 from gan_ddp.config import Config, save_config
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import faults, guard
-from gan_ddp.runtime.distributed import lost_peers
+from gan_ddp.runtime.distributed import broadcast_from_main, lost_peers
 from gan_ddp.training import stop
 from gan_ddp.training.builder import build
 from gan_ddp.training.outputs import RunOutputs
@@ -182,6 +182,8 @@ class Trainer:
         """The phases due at this step, in this order: grid, evaluation, checkpoint (last, so that it holds what
         the others changed). Returns the last checkpointed step."""
         cfg, step = self.cfg, self.state.step
+        if self.parts.clusterer is not None and cfg.selfcond.due(step):
+            self._recluster()
         if step % cfg.log.sample_every == 0:
             self.outputs.save_grid()
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -190,6 +192,14 @@ class Trainer:
             self.state.save()
             return step
         return last_saved
+
+    def _recluster(self) -> None:
+        """Self-conditioned: cluster D's features of real images again, on every rank; rank 0's result is
+        everyone's (the ranks' BatchNorm statistics differ between checkpoints)."""
+        p = self.parts
+        result = p.clusterer.recluster(p.G_raw, p.D_raw, self.state.step)
+        broadcast_from_main(p.accelerator, [p.D_raw.centroids, p.G_raw.prior])
+        p.console.print(result.line())
 
     def _stop_if_asked(self, step_seconds: float, last_saved: int) -> tuple[int, str] | None:
         """After a signal or near the time budget (agreed by all ranks): checkpoint, and (exit code, reason)."""
