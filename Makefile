@@ -37,11 +37,17 @@ train: install
 launch: install
 	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
+# The suite in TEST_WORKERS pytest-xdist workers. --dist loadgroup keeps each group of tests/conftest.py in one worker
+# (the cluster and slurm tests one after another; a module that shares a trained run); --no-loadscope-reorder keeps
+# the collection order, which starts the cluster tests (the longest chain) first.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: install-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: install-dev
-	$(PY) -m pytest -q -m "not multiprocess and not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not multiprocess and not slow"
 
 # ruff, then the layer contract in pyproject.toml ([tool.importlinter]): no import runs up a layer.
 lint: install-dev
