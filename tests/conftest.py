@@ -43,7 +43,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             serial.append(item)
         elif getattr(item.module, "__name__", None) in SHARED_FIXTURE_MODULES:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    if config.getoption("dist", "no") == "loadgroup":  # the longest chain starts first (with --no-loadscope-reorder)
+    # Under `--dist loadgroup` (workers see it as option.loadgroup) the longest chain starts first; xdist keeps this
+    # order with --no-loadscope-reorder.
+    if getattr(config.option, "loadgroup", False):
         first = set(map(id, serial))
         items[:] = serial + [item for item in items if id(item) not in first]
 
