@@ -37,11 +37,11 @@ train: install
 launch: install
 	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
-# The suite in TEST_WORKERS pytest-xdist workers. --dist loadgroup keeps each group of tests/conftest.py in one worker
-# (the cluster and slurm tests one after another; a module that shares a trained run); --no-loadscope-reorder keeps
-# the collection order, which starts the cluster tests (the longest chain) first.
-TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+# Serial by default. XDIST="-n 2 --dist loadgroup --no-loadscope-reorder" splits the suite over pytest-xdist workers:
+# --dist loadgroup keeps each group of tests/conftest.py in one worker (the cluster and slurm tests one after another;
+# a module that shares a trained run), --no-loadscope-reorder keeps the collection order (cluster tests first). Not the
+# default yet: on a loaded 2-core machine it did not pay, and 3 of 5 cluster tests skipped on a namespace race.
+XDIST ?=
 
 test: install-dev
 	$(PY) -m pytest -q $(XDIST)
