@@ -1,20 +1,54 @@
-"""Shared fixtures: the real MNIST t10k data, a CLI runner (subprocess) and the smoke-run overrides."""
+"""Shared fixtures: the real MNIST t10k data, a CLI runner (subprocess) and the smoke-run overrides; and how the
+suite is split between pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _runs import EVALUATOR_EPOCHS
 
 from gan_ddp.components.data import BUNDLED_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = BUNDLED_DIR
 SMOKE_CONFIG = REPO_ROOT / "configs" / "smoke.yaml"
+
+# pytest-xdist (`--dist loadgroup`) runs the tests of one group one after another in one worker:
+# - the cluster and slurm tests use network namespaces under one name prefix, munged and slurmctld: never two at once;
+# - a module whose tests share a module- or session-scoped run or evaluator keeps it in one worker, built once.
+SERIAL_MARKERS = ("cluster", "slurm")
+SHARED_FIXTURE_MODULES = (
+    "test_cli",
+    "test_demo",
+    "test_evaluate",
+    "test_export",
+    "test_tracking",
+    "test_untrusted_files",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    serial = []
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SERIAL_MARKERS):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+            serial.append(item)
+        elif getattr(item.module, "__name__", None) in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # Under `--dist loadgroup` (workers see it as option.loadgroup) the longest chain starts first; xdist keeps this
+    # order with --no-loadscope-reorder.
+    if getattr(config.option, "loadgroup", False):
+        first = set(map(id, serial))
+        items[:] = serial + [item for item in items if id(item) not in first]
+
 
 # Variables that would make a child believe it is one rank of a distributed job, or force colour output.
 _SCRUBBED = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "FORCE_COLOR")
@@ -24,6 +58,35 @@ _SCRUBBED = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 def mnist_root() -> Path:
     """Folder with the real MNIST t10k IDX files (10,000 images), bundled in the package."""
     return MNIST_ROOT
+
+
+@pytest.fixture(scope="session")
+def evaluator_cache(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    """A cache folder holding the test evaluator (CNN, seed 0, 3 epochs on the bundled split), trained once per
+    test run: under pytest-xdist by the first worker that asks, while the others wait on a lock and then find it
+    cached (a deterministic training: the same weights whoever trains it). Treat it as read-only: copy it
+    (`evaluator_cache_copy`) to write real statistics or other evaluators beside it."""
+    from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own basetemp under the run's shared one
+        root = root.parent
+    cache = root / f"evaluator-cnn-{EVALUATOR_EPOCHS}-epochs"
+    with open(root / f"{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        load_or_train_evaluator(RealData.load("mnist", mnist_root, "test"), cache, epochs=EVALUATOR_EPOCHS, log=None)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def evaluator_cache_copy(evaluator_cache: Path) -> Callable[[Path], Path]:
+    """`evaluator_cache_copy(folder)`: a writable copy of `evaluator_cache` at `folder`."""
+
+    def copy(folder: Path) -> Path:
+        shutil.copytree(evaluator_cache, folder)
+        return folder
+
+    return copy
 
 
 def _cli_env(extra: dict[str, str] | None) -> dict[str, str]:

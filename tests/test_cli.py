@@ -182,12 +182,11 @@ def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, r
     assert not np.array_equal(arr, ema_samples)  # another checkpoint, other weights
 
 
-def test_eval_scores_the_file_sample_writes(trained: Run, run_cli, mnist_root: Path, tmp_path: Path) -> None:
+def test_eval_scores_the_file_sample_writes(
+    trained: Run, run_cli, mnist_root: Path, tmp_path: Path, evaluator_cache_copy
+) -> None:
     """`gan-ddp sample --out x.npz` then `gan-ddp eval --samples x.npz`, both through the command line."""
-    from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
-
-    cache = tmp_path / "cache"  # a one-epoch evaluator, so the CLI finds it cached instead of training one
-    load_or_train_evaluator(RealData.load("mnist", mnist_root, "test"), cache, epochs=1, log=None)
+    cache = evaluator_cache_copy(tmp_path / "cache")  # the test evaluator: the CLI finds it instead of training one
     samples, scores = tmp_path / "s.npz", tmp_path / "scores.json"
     run_cli("sample", "--run", trained.dir, "--n", "300", "--out", samples)
     data = ["--root", mnist_root, "--split", "test", "--cache-dir", cache]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _runs import (
+    EVALUATOR_EPOCHS,
     MNIST,
     assert_same_tensors,
     assert_two_processes_match_one,
@@ -192,14 +193,14 @@ def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> 
 
 # ------------------------------------------------------------------------------ sample --digit
 @pytest.mark.slow
-def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli) -> None:
+def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli, evaluator_cache) -> None:
     from gan_ddp.evaluation.eval_metrics import extract_features
     from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
 
     run = tmp_path / "run"
     assert train_inproc(run, *SHORT_CONDITIONAL) == 0
-    evaluator, _ = load_or_train_evaluator(
-        RealData.load("mnist", MNIST, "test"), tmp_path / "cache", epochs=3, log=None
+    evaluator, _ = load_or_train_evaluator(  # the 3-epoch test evaluator, trained once per test run (conftest)
+        RealData.load("mnist", MNIST, "test"), evaluator_cache, epochs=EVALUATOR_EPOCHS, log=None
     )
     for digit in (0, 1):
         out = tmp_path / f"digit{digit}.npz"

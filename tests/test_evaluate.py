@@ -1,7 +1,7 @@
 """Classifier-feature FID and friends: the evaluator, the metrics, distributed generation, the CLI functions.
 
-One evaluator is trained per session (few epochs, into a temporary cache) on the real MNIST test split
-that the package bundles.
+One evaluator is trained per test run (few epochs, on the real MNIST test split that the package bundles: the
+`evaluator_cache` fixture of tests/conftest.py, shared with other modules); these tests use a copy of its cache.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _runs import EVALUATOR_EPOCHS as TEST_EPOCHS
 from torch import nn
 
 from gan_ddp.components.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
@@ -30,7 +31,6 @@ from gan_ddp.evaluation import evaluate as ev
 from gan_ddp.evaluation import evaluator as evr
 
 REAL_MNIST = BUNDLED_DIR  # the real MNIST t10k split shipped in the package
-TEST_EPOCHS = 3  # enough for >= 97% held out; the default (evr.DEFAULT_EPOCHS) is what reaches >= 98.5%
 LN10 = math.log(10)
 # Measured with the session evaluator (3 epochs, seed 0): real vs real 1.2, uniform noise 1050, only 1s 1150.
 REAL_VS_REAL_MAX = 5.0
@@ -38,8 +38,9 @@ REAL_VS_REAL_MAX = 5.0
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("eval-cache")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, evaluator_cache_copy) -> Path:
+    """This module's session cache: the test evaluator, then what these tests add to it."""
+    return evaluator_cache_copy(tmp_path_factory.mktemp("eval") / "cache")
 
 
 @pytest.fixture(scope="session")
