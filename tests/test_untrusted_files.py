@@ -161,7 +161,9 @@ def _no_unpickler(monkeypatch) -> None:
 def _read_as_a_resume_does(checkpoint: Path) -> None:
     ckpt.verify(checkpoint)
     state = ckpt.read_state(checkpoint)
-    ckpt.load_training_state(checkpoint, rank=0, saved_world=state["world_size"], extras=("ema",))
+    ckpt.load_training_state(
+        checkpoint, rank=0, saved_world=state["world_size"], extras=("ema",), format_1=format_1.load_format_1
+    )
     ckpt.load_ema(checkpoint)  # what `sample` and `eval --run` read
 
 

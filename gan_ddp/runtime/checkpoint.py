@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,16 +387,23 @@ class TrainingState:
     extras: dict[str, dict[str, torch.Tensor]]  # name -> tensors, for the names asked for
 
 
-def load_training_state(directory: Path, rank: int, saved_world: int, extras: Iterable[str] = ()) -> TrainingState:
+def load_training_state(
+    directory: Path,
+    rank: int,
+    saved_world: int,
+    extras: Iterable[str] = (),
+    format_1: Callable[[Path, int, int, tuple[str, ...]], TrainingState] | None = None,
+) -> TrainingState:
     """Read a checkpoint (verified before) for process `rank`, with the `extras` named (e.g. ("ema",));
-    CheckpointError naming the file that is missing or malformed. No file is given to an unpickler, except
-    format 1's, to torch's restricted one (`checkpoint_legacy`)."""
+    CheckpointError naming the file that is missing or malformed. No file is given to an unpickler. A
+    checkpoint of an earlier gan-ddp (format 1) goes to `format_1` (`checkpoint_legacy.load_format_1`, the
+    one reader that meets pickles, which imports this module: hence passed in, not imported)."""
     state = read_state(directory)
     fmt = state.get("format", 1) if isinstance(state, dict) else None
     if fmt == 1:
-        from gan_ddp.runtime.checkpoint_legacy import load_format_1
-
-        return load_format_1(directory, rank, saved_world, tuple(extras))
+        if format_1 is None:
+            raise CheckpointError(f"{directory}: written by an earlier gan-ddp (format 1), not read here")
+        return format_1(directory, rank, saved_world, tuple(extras))
     if fmt != FORMAT:
         raise CheckpointError(f"{directory / STATE}: checkpoint format {fmt!r}; this gan-ddp reads {FORMAT}")
 

@@ -5,7 +5,8 @@ optimizers (`optimizer.bin`, `optimizer_1.bin`), the fp16 scaler (`scaler.pt`) a
 (`random_states_<rank>.pkl`) as pickles. They are read only with torch's restricted unpickler
 (`compat.restricted_torch_load`, torch.load weights_only=True), and only on torch >= 2.6, which fixed
 CVE-2025-32434 (`compat.weights_only_is_safe`); elsewhere such a checkpoint is refused before any file is read.
-`checkpoint.load_training_state` comes here for a `trainer_state.json` without a "format".
+A resume passes `load_format_1` to `checkpoint.load_training_state`, which calls it for a `trainer_state.json`
+without a "format".
 """
 
 from __future__ import annotations

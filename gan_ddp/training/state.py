@@ -23,6 +23,7 @@ from gan_ddp.components.models import model_signature
 from gan_ddp.errors import one_line
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import guard
+from gan_ddp.runtime.checkpoint_legacy import load_format_1
 from gan_ddp.runtime.distributed import average_buffers, check_consistency
 
 if TYPE_CHECKING:
@@ -161,7 +162,9 @@ class RunState:
                 "per-process random streams (dropout) do not match an unbroken run"
             )
         # Every file is read and checked before anything changes: a bad one is one line naming it.
-        loaded = ckpt.load_training_state(found, p.rank, state["world_size"], extras=tuple(self.extras))
+        loaded = ckpt.load_training_state(
+            found, p.rank, state["world_size"], extras=tuple(self.extras), format_1=load_format_1
+        )
         self._apply(found, loaded)
         self._note_changed_settings(found, state)
         self.step = state["step"]
