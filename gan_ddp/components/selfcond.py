@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gan_ddp.components.data import normalize
+
 UNASSIGNED = -1  # the label of a real image: D assigns its cluster
 
 
@@ -126,7 +128,7 @@ class Clusterer:
         try:
             device = D.centroids.device
             phi = [
-                D.features(self.images[i : i + batch].to(device).float() / 127.5 - 1).float()
+                D.features(normalize(self.images[i : i + batch].to(device))).float()
                 for i in range(0, len(self.images), batch)
             ]
         finally:
