@@ -115,6 +115,9 @@ class LossConfig:
     # and scaled by r1_every (StyleGAN2's lazy regularisation: the same average penalty, 1/r1_every the cost).
     r1_gamma: float = 0.0  # 0: off
     r1_every: int = 16
+    # Mode-seeking term in G's loss (Mao et al. 2019; losses.mode_seeking), weight; 0: off. G's samples come in
+    # pairs that share their class (self-conditioned: z[:, 0]; conditional: the label) and differ in noise.
+    mode_seeking: float = 0.0
 
     def __post_init__(self) -> None:
         choices.LOSSES.check(self.kind)
@@ -123,6 +126,7 @@ class LossConfig:
         _positive("loss.gp_weight", self.gp_weight, allow_zero=True)
         _positive("loss.r1_gamma", self.r1_gamma, allow_zero=True)
         _positive("loss.r1_every", self.r1_every)
+        _positive("loss.mode_seeking", self.mode_seeking, allow_zero=True)
 
 
 @dataclass

@@ -133,3 +133,19 @@ def test_lazy_r1_applies_only_on_its_steps(tmp_path) -> None:
     every2 = weights("every2", "loss.r1_gamma=10", "loss.r1_every=2")
     assert all(torch.equal(plain[k], never[k]) for k in plain)
     assert any(not torch.equal(plain[k], every2[k]) for k in plain)
+
+
+def test_mode_seeking_is_the_mean_noise_to_image_distance_ratio_of_adjacent_pairs() -> None:
+    from gan_ddp.components.losses import mode_seeking
+
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, -1.0]])  # pairs: mean |dz| = 1 and 1
+    fake = torch.zeros(4, 1, 2, 2)
+    fake[1] += 0.5  # pair 0: mean |dx| = 0.5; pair 1: identical images
+    fake.requires_grad_(True)
+    value = mode_seeking(z, fake, eps=1e-5)
+    torch.testing.assert_close(value, torch.tensor((1 / (0.5 + 1e-5) + 1 / 1e-5) / 2))
+    value.backward()
+    # Descending the term pushes each pair's images apart: the gradient points from one towards the other.
+    assert (fake.grad[1] < 0).all() and (fake.grad[0] > 0).all()
+    with pytest.raises(ValueError, match="even batch"):
+        mode_seeking(z[:3], fake[:3])

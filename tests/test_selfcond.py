@@ -177,20 +177,57 @@ def test_two_processes_match_one_process_self_conditioned(tmp_path) -> None:
     assert_two_processes_match_one(tmp_path, *EXACT, *SELF, "train.steps=9")
 
 
-def test_a_self_conditioned_run_samples_and_exports_as_an_unconditional_one(tmp_path, run_cli) -> None:
+def test_a_self_conditioned_run_samples_and_exports_as_an_unconditional_one(tmp_path, cli) -> None:
     from gan_ddp.tools.export import load_exported
 
     run = tmp_path / "run"
     assert train_inproc(run, *EXACT, *SELF, "train.steps=6") == 0
-    assert run_cli("sample", "--run", str(run), "--n", "8", "--out", str(tmp_path / "s.png")).returncode == 0
-    refused = run_cli(
+    assert cli("sample", "--run", str(run), "--n", "8", "--out", str(tmp_path / "s.png")).returncode == 0
+    refused = cli(
         "sample", "--run", str(run), "--n", "8", "--digit", "3", "--out", str(tmp_path / "d.png"), check=False
     )
     assert refused.returncode != 0 and "class-conditional" in refused.stderr
-    assert run_cli("export", "--run", str(run), "--out", str(tmp_path / "hub")).returncode == 0
+    assert cli("export", "--run", str(run), "--out", str(tmp_path / "hub")).returncode == 0
     G, config = load_exported(tmp_path / "hub")
     assert config["clusters"] == 4 and config["conditional"] is False
     saved = checkpoint_tensors(newest_checkpoint(run))
     (ema_prior,) = [v for k, v in saved.items() if k.startswith("EMA.") and k.endswith("shadow.prior")]
     assert torch.equal(G.prior, ema_prior)  # the EMA generator, with its copy of the prior
     assert G(torch.randn(3, G.z_dim)).shape == (3, 1, 28, 28)
+
+
+def test_mode_seeking_pairs_share_their_class_across_processes_and_change_training(tmp_path) -> None:
+    """loss.mode_seeking: samples 2i and 2i + 1 get the same cluster and different noise, the pairs of two
+    processes are those of one (pairs never straddle a process), and the term reaches G's weights."""
+    import types
+
+    from gan_ddp.training.step import GanStep
+
+    def fake_step(rank: int, world: int, batch: int = 12) -> types.SimpleNamespace:
+        cfg = types.SimpleNamespace(
+            seed=3,
+            train=types.SimpleNamespace(batch_size=batch),
+            model=types.SimpleNamespace(z_dim=6),
+            loss=types.SimpleNamespace(mode_seeking=1.0),
+        )
+        G_raw = types.SimpleNamespace(labels=lambda z: quantile_labels(z, torch.tensor([0.2, 0.3, 0.5])))
+        step = types.SimpleNamespace(
+            cfg=cfg, conditional=False, self_conditioned=True, noise_gen=torch.Generator(),
+            device=torch.device("cpu"), rank=rank, local_batch=batch // world, G_raw=G_raw,
+        )  # fmt: skip
+        step.noise = lambda s, stream: GanStep.noise(step, s, stream)
+        step.fake_labels = lambda s, stream, z=None: GanStep.fake_labels(step, s, stream, z)
+        return step
+
+    z, y = GanStep.paired_noise(fake_step(0, 1), 7, 0)
+    assert torch.equal(y[0::2], y[1::2]) and y.unique().numel() > 1
+    assert (z[0::2, 1:] != z[1::2, 1:]).all()
+    halves = [GanStep.paired_noise(fake_step(r, 2), 7, 0) for r in range(2)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), z) and torch.equal(torch.cat([h[1] for h in halves]), y)
+
+    # Same pairs, another weight: only the term itself can tell the two runs apart.
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert train_inproc(once, *EXACT, *SELF, "train.steps=4", "loss.mode_seeking=1") == 0
+    assert train_inproc(twice, *EXACT, *SELF, "train.steps=4", "loss.mode_seeking=2") == 0
+    a, b = checkpoint_tensors(newest_checkpoint(once)), checkpoint_tensors(newest_checkpoint(twice))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("G."))

@@ -106,6 +106,19 @@ def r1_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor) -> Tenso
         return grad.flatten(1).pow(2).sum(dim=1).mean()
 
 
+def mode_seeking(z: Tensor, fake: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode-seeking term (Mao et al., "Mode Seeking GANs", CVPR 2019), to add to G's loss: for pairs of samples
+    (0, 1), (2, 3), ... that share their class but not their noise, the mean of
+    ``mean|z_a - z_b| / mean|G(z_a) - G(z_b)|``. G lowers it by making different noise give different images,
+    which is what a conditional G tends to lose within a class (low recall). Pairs are adjacent in the batch,
+    so with an even per-process batch every pair lives in one process (N processes pair what one would)."""
+    if z.size(0) % 2:
+        raise ValueError(f"mode_seeking pairs samples: need an even batch, got {z.size(0)}")
+    dz = (z[0::2].float() - z[1::2].float()).abs().flatten(1).mean(1)
+    dx = (fake[0::2].float() - fake[1::2].float()).abs().flatten(1).mean(1)
+    return (dz / (dx + eps)).mean()
+
+
 @torch.no_grad()
 def d_scores(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean D(x) and D(G(z)) probabilities as detached 0-dim float32 tensors (no host sync)."""

@@ -133,6 +133,13 @@ def _build(cfg, created, precision, reason, acc, console, run_dir, lock) -> Part
         error.all_ranks = True  # every rank finds it: printed once, by rank 0 (faults.is_echo)
         raise error
     local_batch = B // world
+    if cfg.loss.mode_seeking and local_batch % 2:
+        error = ConfigError(
+            f"loss.mode_seeking: pairs samples within each process, but train.batch_size {B} over {world} "
+            f"processes gives {local_batch} each; use a batch size that gives an even number per process"
+        )
+        error.all_ranks = True
+        raise error
 
     # Data: every rank holds the uint8 tensor once (47 MB for MNIST train); batches are single index ops.
     images, labels, data_info = load_data(

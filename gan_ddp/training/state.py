@@ -121,6 +121,7 @@ class RunState:
             "loss.gp_weight": c.loss.gp_weight,
             "loss.r1_gamma": c.loss.r1_gamma,
             "loss.r1_every": c.loss.r1_every,
+            "loss.mode_seeking": c.loss.mode_seeking,
             "selfcond.start": c.selfcond.start,
             "selfcond.every": c.selfcond.every,
             "selfcond.images": c.selfcond.images,

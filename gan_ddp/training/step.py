@@ -21,7 +21,7 @@ import torch
 
 from gan_ddp.components.augment import STREAM_FAKE_D, STREAM_FAKE_G, STREAM_REAL
 from gan_ddp.components.data import normalize
-from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty, r1_penalty
+from gan_ddp.components.losses import LOSSES, d_loss, d_scores, g_loss, gradient_penalty, mode_seeking, r1_penalty
 from gan_ddp.components.models import N_CLASSES, couples_batch
 from gan_ddp.components.selfcond import UNASSIGNED
 from gan_ddp.runtime import compat
@@ -118,14 +118,30 @@ class GanStep:
         score_real, score_fake = d_scores(real_logits, fake_logits)
         return loss.detach(), score_real, score_fake
 
-    def g_step(self, fake: torch.Tensor, step: int = 0, fake_y: torch.Tensor | None = None) -> torch.Tensor:
+    def paired_noise(self, step: int, stream: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, classes) for G: with `loss.mode_seeking`, samples 2i and 2i + 1 share their class
+        (a self-conditioned G's z[:, 0]; a conditional G's label) and keep their own remaining noise."""
+        z = self.noise(step, stream)
+        if self.cfg.loss.mode_seeking and self.self_conditioned:
+            z[1::2, 0] = z[0::2, 0]
+        y = self.fake_labels(step, stream, z)
+        if self.cfg.loss.mode_seeking and y is not None and not self.self_conditioned:
+            y[1::2] = y[0::2]
+        return z, y
+
+    def g_step(
+        self, fake: torch.Tensor, step: int = 0, fake_y: torch.Tensor | None = None, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One G update through a frozen D. D is called unwrapped: its weights need no gradient, so there
-        is nothing for DDP to all-reduce, and DDP's reducer never sees a forward without a backward."""
+        is nothing for DDP to all-reduce, and DDP's reducer never sees a forward without a backward.
+        `z`: the noise of `fake`, for the mode-seeking term (`loss.mode_seeking`)."""
         self.D_raw.requires_grad_(False)
         try:
             with self.accelerator.autocast():
                 x = self.augment(fake, step, STREAM_FAKE_G)
                 loss = g_loss(self.cfg.loss.kind, self.D_raw(x) if fake_y is None else self.D_raw(x, fake_y))
+            if self.cfg.loss.mode_seeking and z is not None:
+                loss = loss + self.cfg.loss.mode_seeking * mode_seeking(z, fake)
             self.opt_g.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self._step_and_count_skip(self.opt_g, 1)
@@ -159,8 +175,7 @@ class GanStep:
         real_y = batch[1] if self.conditional else None
         if self.self_conditioned:  # D scores each real image as its nearest cluster; no label is read
             real_y = torch.full((real.size(0),), UNASSIGNED, device=real.device)
-        z = self.noise(step, 0)
-        fake_y = self.fake_labels(step, 0, z)
+        z, fake_y = self.paired_noise(step, 0)
         with self.accelerator.autocast():
             fake = self.generate(z, fake_y)  # (b, 1, 28, 28)
         with self.phase("d_step"):
@@ -169,10 +184,9 @@ class GanStep:
         stats = {"loss/d": loss_d, "score/real": score_real, "score/fake": score_fake, "steps": one}
         if step % self.cfg.optim.d_steps == 0:
             if not self.cfg.train.reuse_fake:
-                z = self.noise(step, 1)
-                fake_y = self.fake_labels(step, 1, z)
+                z, fake_y = self.paired_noise(step, 1)
                 with self.accelerator.autocast():
                     fake = self.generate(z, fake_y)
             with self.phase("g_step"):
-                stats |= {"loss/g": self.g_step(fake, step, fake_y), "g_steps": one}
+                stats |= {"loss/g": self.g_step(fake, step, fake_y, z), "g_steps": one}
         self.window.add(stats)  # stays on the device: no sync per step
