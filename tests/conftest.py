@@ -118,6 +118,29 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
+def cli() -> Callable[..., subprocess.CompletedProcess]:
+    """`cli(*args, check=True)`: `gan-ddp *args` through `gan_ddp.commands.cli.main` in THIS process, from the
+    repo root, stdout and stderr captured, the exit code as `returncode` (a CompletedProcess like `run_cli`'s).
+
+    For commands whose interpreter start-up proves nothing (sample, interpolate, plot, eval, the one-line errors):
+    it saves the 2-3 s of importing torch per call. `run_cli` stays for what needs a process of its own: the
+    entry points, signals, environment variables, a training's end-to-end output."""
+    from _runs import cli_inproc
+
+    def run(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+        result = cli_inproc(*args)
+        if check and result.returncode != 0:
+            pytest.fail(
+                f"{' '.join(result.args[1:])} returned {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n"
+                f"--- stderr ---\n{result.stderr[-4000:]}",
+                pytrace=False,
+            )
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def smoke_overrides_for(mnist_root: Path) -> Callable[[Path], list[str]]:
     """Overrides that point `configs/smoke.yaml` at the real data and at `run_dir`, with W&B off."""
 

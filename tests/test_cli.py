@@ -1,6 +1,8 @@
-"""End-to-end tests of the `gan-ddp` command line (subprocesses on CPU, real MNIST t10k data).
+"""End-to-end tests of the `gan-ddp` command line (on CPU, real MNIST t10k data).
 
-One short training run (module-scoped) is shared by the sample / interpolate / plot / animate tests.
+One short training run (module-scoped, a subprocess: the console output as a user sees it) is shared by the
+sample / interpolate / plot / animate tests, which call the command line in this process (`cli`, conftest); the
+entry points and `--help` run as processes of their own.
 """
 
 from __future__ import annotations
@@ -59,15 +61,15 @@ def trained(tmp_path_factory, run_cli, smoke_overrides_for) -> Run:
 
 
 @pytest.fixture(scope="module")
-def ema_samples(trained: Run, run_cli, tmp_path_factory) -> np.ndarray:
+def ema_samples(trained: Run, cli, tmp_path_factory) -> np.ndarray:
     """100 samples (seed 0, EMA generator, newest checkpoint) as the .npz array."""
     out = tmp_path_factory.mktemp("samples") / "seed0.npz"
-    run_cli("sample", "--run", trained.dir, "--n", "100", "--out", out)
+    cli("sample", "--run", trained.dir, "--n", "100", "--out", out)
     return np.load(out)["arr_0"]
 
 
-def sample_array(run_cli, run_dir: Path, out: Path, *extra: str) -> np.ndarray:
-    result = run_cli("sample", "--run", run_dir, "--n", "100", "--out", out, *extra)
+def sample_array(cli, run_dir: Path, out: Path, *extra: str) -> np.ndarray:
+    result = cli("sample", "--run", run_dir, "--n", "100", "--out", out, *extra)
     assert str(out) in result.stdout
     return np.load(out)["arr_0"]
 
@@ -143,39 +145,39 @@ def test_sample_npz(ema_samples: np.ndarray) -> None:
     assert len({ema_samples[i].tobytes() for i in range(100)}) > 1  # not one image repeated
 
 
-def test_sample_seed_is_reproducible(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
-    again = sample_array(run_cli, trained.dir, tmp_path / "again.npz", "--seed", "0")
+def test_sample_seed_is_reproducible(trained: Run, ema_samples: np.ndarray, cli, tmp_path: Path) -> None:
+    again = sample_array(cli, trained.dir, tmp_path / "again.npz", "--seed", "0")
     np.testing.assert_array_equal(again, ema_samples)
-    other = sample_array(run_cli, trained.dir, tmp_path / "other.npz", "--seed", "1")
+    other = sample_array(cli, trained.dir, tmp_path / "other.npz", "--seed", "1")
     assert other.shape == ema_samples.shape
     assert not np.array_equal(other, ema_samples)
 
 
-def test_sample_no_ema_differs(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
-    raw = sample_array(run_cli, trained.dir, tmp_path / "raw.npz", "--no-ema")
+def test_sample_no_ema_differs(trained: Run, ema_samples: np.ndarray, cli, tmp_path: Path) -> None:
+    raw = sample_array(cli, trained.dir, tmp_path / "raw.npz", "--no-ema")
     assert raw.dtype == np.uint8 and raw.shape == (100, 28, 28, 1)
     assert not np.array_equal(raw, ema_samples)
 
 
-def test_sample_png_grid(trained: Run, run_cli, tmp_path: Path) -> None:
+def test_sample_png_grid(trained: Run, cli, tmp_path: Path) -> None:
     out = tmp_path / "sub" / "grid.png"  # the parent folder is created
-    run_cli("sample", "--run", trained.dir, "--n", "16", "--out", out)
+    cli("sample", "--run", trained.dir, "--n", "16", "--out", out)
     with Image.open(out) as im:
         assert im.format == "PNG"
         assert im.size == grid_size(4, 4) == (122, 122)
 
 
-def test_sample_bad_suffix(trained: Run, run_cli, tmp_path: Path) -> None:
+def test_sample_bad_suffix(trained: Run, cli, tmp_path: Path) -> None:
     out = tmp_path / "x.jpg"
-    result = run_cli("sample", "--run", trained.dir, "--n", "4", "--out", out, check=False)
+    result = cli("sample", "--run", trained.dir, "--n", "4", "--out", out, check=False)
     assert_user_error(result, "--out", ".png", ".npz")
     assert not out.exists()
 
 
-def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, run_cli, tmp_path: Path) -> None:
+def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, cli, tmp_path: Path) -> None:
     older = trained.dir / "checkpoints" / "step_00000010"
     out = tmp_path / "older.npz"
-    result = run_cli("sample", "--run", trained.dir, "--checkpoint", older, "--n", "100", "--out", out)
+    result = cli("sample", "--run", trained.dir, "--checkpoint", older, "--n", "100", "--out", out)
     assert "step_00000010" in result.stdout
     arr = np.load(out)["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (100, 28, 28, 1)
@@ -183,14 +185,14 @@ def test_sample_from_a_given_checkpoint(trained: Run, ema_samples: np.ndarray, r
 
 
 def test_eval_scores_the_file_sample_writes(
-    trained: Run, run_cli, mnist_root: Path, tmp_path: Path, evaluator_cache_copy
+    trained: Run, cli, mnist_root: Path, tmp_path: Path, evaluator_cache_copy
 ) -> None:
     """`gan-ddp sample --out x.npz` then `gan-ddp eval --samples x.npz`, both through the command line."""
     cache = evaluator_cache_copy(tmp_path / "cache")  # the test evaluator: the CLI finds it instead of training one
     samples, scores = tmp_path / "s.npz", tmp_path / "scores.json"
-    run_cli("sample", "--run", trained.dir, "--n", "300", "--out", samples)
+    cli("sample", "--run", trained.dir, "--n", "300", "--out", samples)
     data = ["--root", mnist_root, "--split", "test", "--cache-dir", cache]
-    result = run_cli("eval", "--samples", samples, *data, "--json", scores)
+    result = cli("eval", "--samples", samples, *data, "--json", scores)
     assert "fid" in result.stdout and "coverage" in result.stdout
     m = json.loads(scores.read_text())
     assert m["eval/n"] == 300 and m["source"] == str(samples)
@@ -200,23 +202,23 @@ def test_eval_scores_the_file_sample_writes(
 # ------------------------------------------------------------------------------------------- interpolate
 
 
-def test_interpolate_sweep(trained: Run, run_cli, tmp_path: Path) -> None:
+def test_interpolate_sweep(trained: Run, cli, tmp_path: Path) -> None:
     out = tmp_path / "sweep.png"
-    run_cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "3", "--steps", "7", "--rows", "2")
+    cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "3", "--steps", "7", "--rows", "2")
     with Image.open(out) as im:
         assert im.size == grid_size(7, 2)
 
 
-def test_interpolate_between_seeds(trained: Run, run_cli, tmp_path: Path) -> None:
+def test_interpolate_between_seeds(trained: Run, cli, tmp_path: Path) -> None:
     out = tmp_path / "between.png"
-    run_cli("interpolate", "--run", trained.dir, "--out", out, "--between", "1", "2", "--steps", "5")
+    cli("interpolate", "--run", trained.dir, "--out", out, "--between", "1", "2", "--steps", "5")
     with Image.open(out) as im:
         assert im.size == grid_size(5, 8)  # --rows defaults to 8
 
 
-def test_interpolate_dim_out_of_range(trained: Run, run_cli, tmp_path: Path) -> None:
+def test_interpolate_dim_out_of_range(trained: Run, cli, tmp_path: Path) -> None:
     out = tmp_path / "bad.png"
-    result = run_cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "1000", check=False)
+    result = cli("interpolate", "--run", trained.dir, "--out", out, "--dim", "1000", check=False)
     assert_user_error(result, "--dim", "1000")
     assert not out.exists()
 
@@ -226,11 +228,11 @@ def test_interpolate_dim_out_of_range(trained: Run, run_cli, tmp_path: Path) -> 
 OLD = 1_000_000_000.0  # 2001: an mtime no file written by this test run can have
 
 
-def test_plot_rewrites_the_plots(trained: Run, run_cli) -> None:
+def test_plot_rewrites_the_plots(trained: Run, cli) -> None:
     plots = [trained.dir / "plots" / "losses.png", trained.dir / "plots" / "scores.png"]
     for p in plots:
         os.utime(p, (OLD, OLD))
-    result = run_cli("plot", "--run", trained.dir)
+    result = cli("plot", "--run", trained.dir)
     for p in plots:
         assert p.stat().st_mtime > OLD + 1, f"{p} not rewritten"
         assert str(p) in result.stdout
@@ -238,10 +240,10 @@ def test_plot_rewrites_the_plots(trained: Run, run_cli) -> None:
             assert im.format == "PNG"
 
 
-def test_animate_rewrites_the_gif(trained: Run, run_cli) -> None:
+def test_animate_rewrites_the_gif(trained: Run, cli) -> None:
     gif = trained.dir / "samples" / "progress.gif"
     os.utime(gif, (OLD, OLD))
-    result = run_cli("animate", "--run", trained.dir)
+    result = cli("animate", "--run", trained.dir)
     assert gif.stat().st_mtime > OLD + 1
     assert str(gif) in result.stdout
     with Image.open(gif) as im:
@@ -249,44 +251,44 @@ def test_animate_rewrites_the_gif(trained: Run, run_cli) -> None:
         assert im.n_frames == len(list((trained.dir / "samples").glob("step_*.png"))) == 2
 
 
-def test_plot_on_an_empty_directory(run_cli, tmp_path: Path) -> None:
-    assert_user_error(run_cli("plot", "--run", tmp_path, check=False), "metrics.jsonl")
+def test_plot_on_an_empty_directory(cli, tmp_path: Path) -> None:
+    assert_user_error(cli("plot", "--run", tmp_path, check=False), "metrics.jsonl")
 
 
-def test_animate_on_an_empty_directory(run_cli, tmp_path: Path) -> None:
-    assert_user_error(run_cli("animate", "--run", tmp_path, check=False), "step_*.png")
+def test_animate_on_an_empty_directory(cli, tmp_path: Path) -> None:
+    assert_user_error(cli("animate", "--run", tmp_path, check=False), "step_*.png")
 
 
 # ----------------------------------------------------------------------------------------- user errors
 
 
-def test_unknown_override_key(run_cli, smoke_overrides: list[str]) -> None:
-    result = run_cli("train", "--config", SMOKE, *smoke_overrides, "train.bach_size=8", check=False)
+def test_unknown_override_key(cli, smoke_overrides: list[str]) -> None:
+    result = cli("train", "--config", SMOKE, *smoke_overrides, "train.bach_size=8", check=False)
     assert_user_error(result, "train.bach_size", "did you mean train.batch_size")
 
 
-def test_missing_config_file(run_cli, smoke_overrides: list[str]) -> None:
-    result = run_cli("train", "--config", "configs/no_such_config.yaml", *smoke_overrides, check=False)
+def test_missing_config_file(cli, smoke_overrides: list[str]) -> None:
+    result = cli("train", "--config", "configs/no_such_config.yaml", *smoke_overrides, check=False)
     assert_user_error(result, "configs/no_such_config.yaml", "not found")
 
 
-def test_missing_data(run_cli, tmp_path: Path) -> None:
+def test_missing_data(cli, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     run_dir = tmp_path / "run"
     overrides = [f"data.root={empty}", "data.download=false", f"run.dir={run_dir}", "log.wandb=disabled"]
-    result = run_cli("train", "--config", SMOKE, *overrides, check=False)
+    result = cli("train", "--config", SMOKE, *overrides, check=False)
     line = assert_user_error(result, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", str(empty))
     assert "data.download" in line  # says how to get the files
 
 
-def test_batch_larger_than_the_dataset(run_cli, smoke_overrides: list[str]) -> None:
-    result = run_cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=20000", check=False)
+def test_batch_larger_than_the_dataset(cli, smoke_overrides: list[str]) -> None:
+    result = cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=20000", check=False)
     assert_user_error(result, "train.batch_size", "20000")
 
 
-def test_odd_batch_size_trains(run_cli, smoke_overrides: list[str], tmp_path: Path) -> None:
-    run_cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=7", "train.steps=2")
+def test_odd_batch_size_trains(cli, smoke_overrides: list[str], tmp_path: Path) -> None:
+    cli("train", "--config", SMOKE, *smoke_overrides, "train.batch_size=7", "train.steps=2")
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2

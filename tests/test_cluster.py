@@ -234,9 +234,12 @@ def test_accelerate_launch_on_two_machines(cluster, tmp_path):
                 cluster.hosts.wrap(rank, cmd), cwd=REPO, env=env, stdout=logs[-1], stderr=subprocess.STDOUT
             )
         )
+    deadline = time.monotonic() + 240
     try:
-        codes = [p.wait(timeout=240) for p in procs]
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.5)
     finally:
+        codes = [p.poll() for p in procs]  # None: still running at the deadline (a hang), killed below
         for p in procs:
             if p.poll() is None:
                 p.kill()
@@ -244,7 +247,7 @@ def test_accelerate_launch_on_two_machines(cluster, tmp_path):
         for f in logs:
             f.close()
     out = [(tmp_path / f"machine{r}.out").read_text() for r in range(2)]
-    assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in out)
+    assert codes == [0, 0], f"exit codes {codes}\n" + "\n---\n".join(o[-3000:] for o in out)
     assert "gan-ddp: 2 process(es) on cpu" in out[0]
     lines = metric_lines(run)
     assert [m["step"] for m in lines] == list(range(1, 11)) and {m["world_size"] for m in lines} == {2}

@@ -193,7 +193,7 @@ def test_two_processes_match_one_process_conditional_and_augmented(tmp_path) -> 
 
 # ------------------------------------------------------------------------------ sample --digit
 @pytest.mark.slow
-def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli, evaluator_cache) -> None:
+def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, cli, evaluator_cache) -> None:
     from gan_ddp.evaluation.eval_metrics import extract_features
     from gan_ddp.evaluation.evaluator import RealData, load_or_train_evaluator
 
@@ -204,7 +204,7 @@ def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli,
     )
     for digit in (0, 1):
         out = tmp_path / f"digit{digit}.npz"
-        run_cli("sample", "--run", run, "--digit", digit, "--n", 200, "--out", out)
+        cli("sample", "--run", run, "--digit", digit, "--n", 200, "--out", out)
         with np.load(out) as npz:
             array = npz["arr_0"]
         assert array.shape == (200, 28, 28, 1)
@@ -212,28 +212,28 @@ def test_sample_digit_draws_that_digit_after_a_short_training(tmp_path, run_cli,
         agreement = (probs.argmax(1) == digit).float().mean().item()
         assert agreement >= DIGIT_AGREEMENT_MIN, f"digit {digit}: {agreement:.1%} of samples classified as {digit}"
     balanced = tmp_path / "all.npz"
-    run_cli("sample", "--run", run, "--n", 100, "--out", balanced)
+    cli("sample", "--run", run, "--n", 100, "--out", balanced)
     with np.load(balanced) as npz:
         _, probs = extract_features(evaluator, npz["arr_0"])
     assert (probs.argmax(1) == balanced_labels(100)).float().mean().item() >= BALANCED_AGREEMENT_MIN
 
 
-def test_sample_and_interpolate_options_for_conditional_runs(tmp_path, run_cli) -> None:
+def test_sample_and_interpolate_options_for_conditional_runs(tmp_path, cli) -> None:
     conditional, plain = tmp_path / "conditional", tmp_path / "plain"
     assert train_inproc(conditional, "model.conditional=true", "train.steps=5") == 0
     assert train_inproc(plain, "train.steps=5") == 0
     out = tmp_path / "out"
-    run_cli("sample", "--run", conditional, "--digit", 3, "--n", 12, "--out", out / "threes.npz")
-    run_cli("sample", "--run", conditional, "--n", 20, "--out", out / "all.png")
-    run_cli("interpolate", "--run", conditional, "--classes", 1, 7, "--rows", 2, "--steps", 5, "--out", out / "m.png")
-    run_cli("interpolate", "--run", conditional, "--digit", 4, "--between", 1, 2, "--rows", 2, "--out", out / "w.png")
+    cli("sample", "--run", conditional, "--digit", 3, "--n", 12, "--out", out / "threes.npz")
+    cli("sample", "--run", conditional, "--n", 20, "--out", out / "all.png")
+    cli("interpolate", "--run", conditional, "--classes", 1, 7, "--rows", 2, "--steps", 5, "--out", out / "m.png")
+    cli("interpolate", "--run", conditional, "--digit", 4, "--between", 1, 2, "--rows", 2, "--out", out / "w.png")
     for args, message in [
         (("sample", "--run", plain, "--digit", 3, "--out", out / "x.png"), "--digit needs a class-conditional run"),
         (("sample", "--run", conditional, "--digit", 10, "--out", out / "x.png"), "--digit must be in [0, 10)"),
         (("interpolate", "--run", plain, "--classes", 1, 2, "--out", out / "x.png"), "--classes needs"),
         (("interpolate", "--run", conditional, "--classes", 1, 12, "--out", out / "x.png"), "--classes B"),
     ]:
-        result = run_cli(*args, check=False)
+        result = cli(*args, check=False)
         assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
         assert message in result.stderr
     with np.load(out / "threes.npz") as npz:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import base_env, single, train_cmd
+from _runs import base_env, cli_inproc, train_cmd
 
 from gan_ddp.components.models import DCGANGenerator, MLPGenerator, generate
 from gan_ddp.components.rundir import load_generator_from_run
@@ -34,14 +34,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (overrides, _) in RUNS.items():
         run = root / name
-        result = single(train_cmd(run, "train.steps=12", "checkpoint.every=6", *overrides))
+        result = cli_inproc(*train_cmd(run, "train.steps=12", "checkpoint.every=6", *overrides))
         assert result.returncode == 0, result.stderr[-3000:]
         out[name] = run
     return out
 
 
 def _export(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return single(["export", "--run", str(run), "--out", str(out), *extra])
+    return cli_inproc("export", "--run", run, "--out", out, *extra)  # loading is what needs a fresh process
 
 
 def _fresh_process_samples(folder: Path, cls: str, conditional: bool, tmp_path: Path) -> torch.Tensor:

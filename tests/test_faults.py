@@ -192,7 +192,7 @@ def test_rollback_policy(tmp_path, capsys, monkeypatch, persistent):
         assert times == sorted(times)
 
 
-def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, run_cli):
+def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, cli):
     run = tmp_path / "run"
     assert train_inproc(run, "train.steps=10") == 0
     checkpoint = newest_checkpoint(run)  # as a run before the guard existed could have written it
@@ -202,7 +202,7 @@ def test_sample_refuses_a_checkpoint_with_non_finite_weights(tmp_path, run_cli):
                   checkpoint / name)  # fmt: skip
     ckpt.write_manifest(checkpoint)
     for extra in ((), ("--no-ema",)):
-        proc = run_cli("sample", "--run", run, "--n", "4", "--out", tmp_path / "x.png", *extra, check=False)
+        proc = cli("sample", "--run", run, "--n", "4", "--out", tmp_path / "x.png", *extra, check=False)
         assert proc.returncode == 2
         assert "non-finite weights" in one_error_line(proc.stderr)
     assert not (tmp_path / "x.png").exists()
