@@ -37,11 +37,11 @@ train: install
 launch: install
 	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
-# Serial by default. XDIST="-n 2 --dist loadgroup --no-loadscope-reorder" splits the suite over pytest-xdist workers:
-# --dist loadgroup keeps each group of tests/conftest.py in one worker (the cluster and slurm tests one after another;
-# a module that shares a trained run), --no-loadscope-reorder keeps the collection order (cluster tests first). Not the
-# default yet: on a loaded 2-core machine it did not pay, and 3 of 5 cluster tests skipped on a namespace race.
-XDIST ?=
+# The suite runs in 2 pytest-xdist workers (XDIST= runs it serially): --dist loadgroup keeps each group of
+# tests/conftest.py in one worker (the cluster and slurm tests one after another; a module that shares a trained run),
+# --no-loadscope-reorder keeps the collection order (the longest chain, the cluster tests, first). Every process the
+# tests start uses one intra-op thread (conftest): two workers, two cores, no OpenMP threads spinning against each other.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: install-dev
 	$(PY) -m pytest -q $(XDIST)

@@ -1,5 +1,6 @@
-"""Shared fixtures: the real MNIST t10k data, a CLI runner (subprocess) and the smoke-run overrides; and how the
-suite is split between pytest-xdist workers (`make test` runs `-n 2 --dist loadgroup`)."""
+"""Shared fixtures: the real MNIST t10k data, the test evaluator, command-line runners (a subprocess: `run_cli`; this
+process: `cli`) and the smoke-run overrides; and how the suite is split between pytest-xdist workers (`make test`
+runs `-n 2 --dist loadgroup`), one thread per process."""
 
 from __future__ import annotations
 
@@ -48,6 +49,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if getattr(config.option, "loadgroup", False):
         first = set(map(id, serial))
         items[:] = serial + [item for item in items if id(item) not in first]
+
+
+# Under pytest-xdist the workers share the CPU cores: one intra-op thread per process, in the workers and in the
+# processes they start (OMP_NUM_THREADS is torch's default), else OpenMP threads spin against each other and a
+# test takes several times as long as alone. Trainings take it from configs/smoke.yaml's `train.threads: 1`.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The known breakage of --dist loadgroup (pytest-xdist#1386: pytest 9.2 with pytest-xdist <= 3.8), refused with
+    one line before any worker starts; `pytest_collection_finish` below catches any other way groups get lost."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    import xdist
+    from packaging.version import Version
+
+    if Version(pytest.__version__) >= Version("9.2") and Version(xdist.__version__) <= Version("3.8.0"):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores --dist loadgroup "
+            "(pytest-xdist#1386): install the stack's pins (launch/stacks/*.txt: pytest 9.1.1) or run serially "
+            "(make test XDIST=)"
+        )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After every plugin's collection hooks, pytest-xdist's included (it turns a worker's groups into node-id
+    suffixes): grouped tests without the `@group` suffix would run the cluster tests on both workers at once (two
+    simulated clusters racing for namespaces) and rebuild shared runs per test. Stop with one line instead."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist --dist loadgroup is not grouping ({lost[0]} has no @group suffix; pytest-xdist#1386, "
+            "pytest 9.2): install the stack's pins (launch/stacks/*.txt) or run serially (make test XDIST=)"
+        )
 
 
 # Variables that would make a child believe it is one rank of a distributed job, or force colour output.

@@ -80,7 +80,9 @@ def _overrides(run: Path, mnist_root: Path, *more: str) -> list[str]:
 def test_runs_the_smoke_config_on_this_machine(tmp_path, mnist_root):
     """No stand-ins: the machine's own GPUs decide (none on the CPU machines: one process, all cores)."""
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "NGPUS", "DRY_RUN")}
+    # OMP_NUM_THREADS: the suite's one thread per process (conftest); coreutils' nproc would report it as the cores.
+    scrubbed = ("WORLD_SIZE", "RANK", "NGPUS", "DRY_RUN", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in scrubbed}
     env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     out = subprocess.run(
         ["bash", str(RUN_SH), *_overrides(run, mnist_root)], cwd=REPO, env=env, capture_output=True, text=True,

@@ -36,7 +36,8 @@ def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: 
         "POINTS": "2",
     }
     # log.every=1: every step's time_s is in metrics.jsonl, so the test can check when each run stopped.
-    overrides = [f"data.root={mnist_root}", "data.split=test", "log.every=1"]
+    # train.threads=1: as every training in the suite (conftest), so the test can share the cores with others.
+    overrides = [f"data.root={mnist_root}", "data.split=test", "log.every=1", "train.threads=1"]
     cmd = ["bash", "launch/quality_budget.sh", str(out), str(budget), *overrides]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
