@@ -303,8 +303,8 @@ def test_a_lost_node_stops_the_others_with_one_line_and_the_next_allocation_resu
     # process ... requeueing"), or slurmctld itself (NODE_FAIL with --requeue) when it marks n2 down first and ends
     # the batch script before it prints. Either way the job was requeued (waited for above) exactly once.
     assert int(info.get("Restarts", 0)) == 1, info
-    if "lost a node or process: step" in text:
-        assert f"requeueing job {job}" in text, text[-4000:]
+    if "lost a node or process: step" in text:  # the script says it requeues, unless slurmctld's requeue ended it first
+        assert f"requeueing job {job}" in text or "SIGTERM: job cancelled" in text, text[-4000:]
     assert cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split() == [n1, n3]
     assert f"resumed from {run / 'checkpoints' / f'step_{newest:08d}'} (step {newest})" in text
     assert (run / "DONE").read_text().strip() == f"step {steps}"
