@@ -137,6 +137,16 @@ def _cli_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _fail_unless_ok(result: subprocess.CompletedProcess, command: str) -> None:
+    """Fail the test, showing the command's output, when it exited non-zero (`run_cli` and `cli` with `check`)."""
+    if result.returncode != 0:
+        pytest.fail(
+            f"{command} exited {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     """`run_cli(*args, env=None, check=True)`: `python -m gan_ddp *args` in the repo root, text output.
@@ -147,12 +157,8 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     def run(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300):
         cmd = [sys.executable, "-m", "gan_ddp", *map(str, args)]
         result = subprocess.run(cmd, cwd=REPO_ROOT, env=_cli_env(env), capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(cmd[2:])} exited {result.returncode}\n"
-                f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}",
-                pytrace=False,
-            )
+        if check:
+            _fail_unless_ok(result, " ".join(cmd[2:]))
         return result
 
     return run
@@ -170,12 +176,8 @@ def cli() -> Callable[..., subprocess.CompletedProcess]:
 
     def run(*args: object, check: bool = True) -> subprocess.CompletedProcess:
         result = cli_inproc(*args)
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(result.args[1:])} returned {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n"
-                f"--- stderr ---\n{result.stderr[-4000:]}",
-                pytrace=False,
-            )
+        if check:
+            _fail_unless_ok(result, " ".join(result.args[1:]))
         return result
 
     return run
