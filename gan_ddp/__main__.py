@@ -1,5 +1,3 @@
-import sys
+from gan_ddp.commands.cli import entry
 
-from gan_ddp.commands.cli import main
-
-sys.exit(main())
+entry()
