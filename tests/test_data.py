@@ -518,4 +518,4 @@ def test_wheel_carries_the_bundled_split(tmp_path: Path) -> None:
     source_files = {p.relative_to(source).as_posix() for p in (source / "gan_ddp").rglob("*.py")}
     assert source_files <= names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "gan-ddp = gan_ddp.commands.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "gan-ddp = gan_ddp.commands.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
