@@ -36,6 +36,8 @@ export CUDA_VISIBLE_DEVICES=""
 
 echo "[cpu_multiproc] $NPROC processes x $OMP_NUM_THREADS threads, python: $PYTHON" >&2
 # `python -m torch.distributed.run` == torchrun, but from the chosen interpreter.
-# --standalone: single-node rendezvous on a free local port (parallel runs are fine).
-run_preemptible "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+# One machine, rendezvous on a free local port, so parallel runs are fine. torch 2.1+ spells `--standalone` so;
+# torch 2.0 (the K80 stack) gives `--standalone` the fixed port 29400, where a second run joins the first's store.
+run_preemptible "$PYTHON" -m torch.distributed.run --nnodes 1 --rdzv-backend c10d --rdzv-endpoint localhost:0 \
+  --nproc_per_node "$NPROC" \
   -m gan_ddp train "$@"

@@ -60,8 +60,14 @@ def single(args: list[str], env: dict[str, str] | None = None, timeout: int = 30
     )
 
 
+# One machine, a rendezvous store on a free port. Not `--standalone`: torch 2.0 (the K80 stack) gives that a fixed
+# port (29400), so two runs at once (two pytest-xdist workers) share one store and the second fails when the
+# first ends; torch 2.1+ spells `--standalone` as exactly these flags.
+ONE_MACHINE = ("--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0")
+
+
 def torchrun_cmd(nproc: int, args: list[str], extra: tuple[str, ...] = ()) -> list[str]:
-    launcher = extra or ("--standalone",)
+    launcher = extra or ONE_MACHINE
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node", str(nproc)]
     return [*cmd, "-m", "gan_ddp", *args]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import ONE_MACHINE
 from torch import nn
 
 from gan_ddp.config import load_config
@@ -220,7 +221,7 @@ def test_bench_under_torchrun_reports_once_for_both_processes(mnist_root: Path, 
         target = [str(script)]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *ONE_MACHINE, "--nproc_per_node", "2", *target]
     result = subprocess.run([*cmd, *bench_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.stdout.count("gan-ddp bench:") == 1  # the table's title: main process only

@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 from _runs import (
+    ONE_MACHINE,
     REPO,
     assert_same_tensors,
     assert_two_processes_match_one,
@@ -50,7 +51,7 @@ def assert_no_python_warnings(stderr: str) -> None:
 def run_script(tmp_path, body: str, nproc: int = 2) -> subprocess.CompletedProcess:
     script = tmp_path / "probe.py"
     script.write_text(textwrap.dedent(body))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *ONE_MACHINE, "--nproc_per_node", str(nproc), str(script)]
     return subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
 
 

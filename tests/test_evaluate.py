@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from _runs import EVALUATOR_EPOCHS as TEST_EPOCHS
+from _runs import ONE_MACHINE
 from torch import nn
 
 from gan_ddp.components.data import BUNDLED_DIR, DataError, data_checksum, load_arrays
@@ -545,7 +546,7 @@ def test_two_processes_score_like_one(trained, cache_dir: Path, stats_a, tmp_pat
     results = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *ONE_MACHINE, "--nproc_per_node", str(world)]
         cmd += [str(script), str(evaluator_file), str(stats_file), str(out)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

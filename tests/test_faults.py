@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 from _runs import (
+    ONE_MACHINE,
     REPO,
     base_env,
     metric_lines,
@@ -523,7 +524,7 @@ def test_consistency_check_treats_nan_on_every_rank_as_equal(tmp_path):
         "    print(exc)\n"
         "acc.end_training()\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *ONE_MACHINE, "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("G.bias differs between rank 0 and rank 1") == 2

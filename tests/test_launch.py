@@ -115,3 +115,32 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_75(tmp_path, mnist_root):
     assert "[launch] SIGTERM: asking the training processes to checkpoint" in stderr
     assert (run / "PREEMPTED").exists() and not (run / "DONE").exists()
     assert newest_checkpoint(run).name.startswith("step_")
+
+
+@pytest.mark.multiprocess
+def test_two_cpu_multiproc_runs_at_once_each_have_their_own_rendezvous(tmp_path):
+    """launch/cpu_multiproc.sh twice on one machine, the second started once the first has rendezvoused and
+    outliving it. With torch 2.0's `--standalone` (fixed port 29400) the second joined the first's store and
+    failed when the first ended ("Broken pipe"); each needs its own free port."""
+    script = REPO / "launch" / "cpu_multiproc.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
+    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", NPROC="2", OMP_NUM_THREADS="1")
+    common = ["--config", str(SMOKE), "data.root=bundled", "data.split=test", "log.wandb=disabled", "log.every=1"]
+
+    def start(name: str, steps: int) -> subprocess.Popen:
+        log = (tmp_path / f"{name}.log").open("w")
+        args = [*common, f"run.dir={tmp_path / name}", f"train.steps={steps}"]
+        return subprocess.Popen(["bash", str(script), *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    first = start("first", 6)
+    deadline = time.monotonic() + 120
+    while "process(es) on cpu" not in (tmp_path / "first.log").read_text():  # rendezvous done, store bound
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    second = start("second", 60)
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert second.poll() is None, "the second run ended before the first: the test proves nothing"
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    for name, steps in (("first", 6), ("second", 60)):
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == steps and {m["world_size"] for m in metrics if "world_size" in m} == {2}
