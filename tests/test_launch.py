@@ -123,8 +123,7 @@ def test_two_cpu_multiproc_runs_at_once_each_have_their_own_rendezvous(tmp_path)
     outliving it. With torch 2.0's `--standalone` (fixed port 29400) the second joined the first's store and
     failed when the first ended ("Broken pipe"); each needs its own free port."""
     script = REPO / "launch" / "cpu_multiproc.sh"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS")}
-    env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", NPROC="2", OMP_NUM_THREADS="1")
+    env = _env(tmp_path, None, NPROC="2", OMP_NUM_THREADS="1")
     common = ["--config", str(SMOKE), "data.root=bundled", "data.split=test", "log.wandb=disabled", "log.every=1"]
 
     def start(name: str, steps: int) -> subprocess.Popen:

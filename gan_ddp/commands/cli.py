@@ -399,22 +399,30 @@ def main(argv: list[str] | None = None) -> int:
         return known[0]
 
 
-def entry() -> None:
-    """`gan-ddp` and `python -m gan_ddp`: `main()`, then the exit. A process of a multi-process launch that has
-    loaded torch.distributed leaves through `distributed.leave_process`: gloo's worker threads can abort the
-    interpreter's own teardown after a run that finished well (the comment above leave_process says how)."""
-    import os
+def _one_of_many() -> bool:
+    """This process is one of a multi-process launch and has loaded torch.distributed (torch-free commands,
+    `--help` among them, never import it here)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from gan_ddp.runtime.distributed import launched_world_size
 
+    return launched_world_size() > 1
+
+
+def entry() -> None:
+    """`gan-ddp` and `python -m gan_ddp`: `main()`, then the exit. A process of a multi-process launch leaves
+    through `distributed.leave_process`: gloo's worker threads can abort the interpreter's own teardown after a
+    run that finished well (the comment above leave_process says how)."""
     try:
         code = main()
     except SystemExit:  # argparse's --help, --version and usage errors: torch-free, nothing to tear down
         raise
     except BaseException:  # a bug: the traceback as the interpreter prints it, then the same exit as below
-        if "torch.distributed" not in sys.modules:
+        if not _one_of_many():
             raise
         sys.excepthook(*sys.exc_info())
         code = 1
-    if "torch.distributed" in sys.modules and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _one_of_many():
         from gan_ddp.runtime.distributed import leave_process
 
         leave_process(code)

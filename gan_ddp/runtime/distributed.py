@@ -84,10 +84,16 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
 
 
+def launched_world_size(environ: dict[str, str] | None = None) -> int:
+    """How many processes the launcher started (torchrun, accelerate launch, our SLURM script set WORLD_SIZE); 1
+    without a launcher."""
+    env = os.environ if environ is None else environ
+    return int(env.get("WORLD_SIZE", "1") or 1)
+
+
 def check_distributed(num_processes: int, environ: dict[str, str] | None = None) -> None:
     """Refuse to run N independent trainings that each believe they are alone."""
-    env = os.environ if environ is None else environ
-    launched = int(env.get("WORLD_SIZE", "1") or 1)
+    launched = launched_world_size(environ)
     if launched > 1 and num_processes != launched:
         raise DistributedSetupError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate set up "

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from gan_ddp.errors import UsageError
+from gan_ddp.runtime.distributed import launched_world_size
 from gan_ddp.tools.textbook import TextbookLoop, torch_threads
 
 KEYS = (
@@ -145,7 +146,7 @@ def _epochs(loader: Any) -> Iterator[Any]:
 def _shared_tmp_dir() -> Path:
     """A temporary directory with the same name on every process of a launch (a checkpoint is a collective
     write into one directory), from the launcher's rendezvous variables; a fresh one for a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if launched_world_size() <= 1:
         return Path(tempfile.mkdtemp(prefix="gan-ddp-bench-"))
     key = "|".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
     path = Path(tempfile.gettempdir()) / f"gan-ddp-bench-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
