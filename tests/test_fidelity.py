@@ -56,3 +56,22 @@ def test_bad_shapes_are_one_clear_error() -> None:
 def test_the_config_refuses_what_precision_and_recall_cannot_score() -> None:
     """config.py sits below the evaluation layer, so it declares the bound itself: the two must agree."""
     assert config.MIN_EVAL_SAMPLES == fidelity.MIN_SAMPLES == fidelity.PR_NEIGHBOURS + 1
+
+
+@pytest.mark.parametrize(("n_real", "n_fake", "size", "seed"), [(1200, 1000, 500, 0), (300, 200, 1000, 7)])
+def test_kid_equals_torch_fidelitys(n_real: int, n_fake: int, size: int, seed: int) -> None:
+    """`fidelity.kid` writes out torch-fidelity's KID (for speed): same subsets, kernel and estimate, same numbers."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    real, fake = gaussian(n_real, 0).abs(), gaussian(n_fake, 1, shift=0.3).abs()  # ReLU-like, as the evaluators'
+    ours = fidelity.kid(real, fake, subsets=8, subset_size=size, seed=seed)
+    reference = kid_features_to_metric(
+        real.double(),
+        fake.double(),
+        kid_subsets=8,
+        kid_subset_size=min(size, n_real, n_fake),
+        kid_kernel="poly",
+        rng_seed=seed,
+        verbose=False,
+    )
+    assert ours == pytest.approx((reference[KEY_METRIC_KID_MEAN], reference[KEY_METRIC_KID_STD]), rel=1e-10, abs=0)
