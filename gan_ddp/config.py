@@ -218,6 +218,9 @@ class LogConfig:
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    # At the end of a run: plots/*.png and samples/progress.gif (to the trackers too). false skips them (~0.7 CPU-s,
+    # as much for a 10-step run as for a long one: many short runs); `gan-ddp plot` and `animate` write them later.
+    plots: bool = True
 
     def __post_init__(self) -> None:
         _positive("log.every", self.every)

@@ -22,6 +22,11 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 EVALUATOR_EPOCHS = 3
 
 
+# The end-of-run plots cost ~0.7 CPU-s a training (matplotlib), over a hundred times a suite: off unless a test asks
+# for them (`log.plots=true` after these overrides), as the tests of plots, the GIF and the trackers' images do.
+NO_PLOTS = ("log.plots=false",)
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("WORLD_SIZE", None)
@@ -39,6 +44,7 @@ def train_cmd(run_dir: Path, *overrides: str, config: Path = SMOKE) -> list[str]
         "data.download=false",
         f"run.dir={run_dir}",
         "log.wandb=disabled",
+        *NO_PLOTS,
         *overrides,
     ]
 
@@ -128,7 +134,8 @@ def train_inproc(run_dir: Path, *overrides: str, config: Path = SMOKE) -> int:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     cfg = load_config(
-        config, [f"data.root={MNIST}", "data.split=test", f"run.dir={run_dir}", "log.wandb=disabled", *overrides]
+        config,
+        [f"data.root={MNIST}", "data.split=test", f"run.dir={run_dir}", "log.wandb=disabled", *NO_PLOTS, *overrides],
     )
     return Trainer(cfg).train()
 

@@ -57,7 +57,7 @@ def run_script(tmp_path, body: str, nproc: int = 2) -> subprocess.CompletedProce
 
 def test_two_processes_identical_weights_and_global_metrics(tmp_path):
     run = tmp_path / "run"
-    out = ok(torchrun(2, train_cmd(run, *SHORT, "train.steps=9", "train.check_consistency=true")))
+    out = ok(torchrun(2, train_cmd(run, *SHORT, "train.steps=9", "train.check_consistency=true", "log.plots=true")))
     assert "DDP consistency check passed" in out.stdout
     assert_no_python_warnings(out.stderr)
     lines = metric_lines(run)
@@ -65,6 +65,8 @@ def test_two_processes_identical_weights_and_global_metrics(tmp_path):
     assert [m["step"] for m in lines] == [2, 4, 6, 8, 9]
     # One process wrote files: one config, grids named by step, checkpoints with one RNG file per rank.
     assert {p.name for p in newest_checkpoint(run).glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["losses.png", "scores.png"]  # by rank 0, at the end
+    assert (run / "samples" / "progress.gif").is_file()
 
 
 def test_consistency_check_names_the_differing_tensor(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import imageio.v3 as iio
 import pytest
-from _runs import REPO, base_env, metric_lines, single, torchrun, train_cmd, train_inproc
+from _runs import REPO, base_env, cli_inproc, metric_lines, single, torchrun, train_cmd, train_inproc
 from PIL import Image
 
 SHORT = ("train.steps=12", "log.every=3", "log.sample_every=4", "checkpoint.every=8")
@@ -72,8 +72,8 @@ def test_wandb_init_failure_warns_once_and_training_completes(tmp_path, capsys, 
 
 def test_plots_and_gif_cover_a_resumed_run(tmp_path):
     run = tmp_path / "run"
-    assert train_inproc(run, "train.steps=8", "log.every=2", "log.sample_every=4") == 0
-    assert train_inproc(run, "train.steps=16", "log.every=2", "log.sample_every=4") == 0
+    assert train_inproc(run, "train.steps=8", "log.every=2", "log.sample_every=4", "log.plots=true") == 0
+    assert train_inproc(run, "train.steps=16", "log.every=2", "log.sample_every=4", "log.plots=true") == 0
     grids = sorted((run / "samples").glob("step_*.png"))
     assert [p.name for p in grids] == [f"step_{s:08d}.png" for s in (4, 8, 12, 16)]
     frames = iio.imread(run / "samples" / "progress.gif", index=None)
@@ -82,6 +82,17 @@ def test_plots_and_gif_cover_a_resumed_run(tmp_path):
         with Image.open(run / "plots" / name) as img:
             assert img.format == "PNG" and img.size[0] > 300
     assert [m["step"] for m in metric_lines(run)] == list(range(2, 17, 2))
+
+
+def test_log_plots_false_skips_the_plots_and_gif_and_the_commands_write_them_later(tmp_path):
+    run = tmp_path / "run"
+    assert train_inproc(run, "train.steps=8", "log.every=2", "log.sample_every=4", "log.plots=false") == 0
+    assert not (run / "plots").exists() and not (run / "samples" / "progress.gif").exists()
+    assert len(list((run / "samples").glob("step_*.png"))) == 2  # the grids are not plots: still there
+    assert cli_inproc("plot", "--run", run).returncode == 0
+    assert cli_inproc("animate", "--run", run).returncode == 0
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["losses.png", "scores.png"]
+    assert iio.imread(run / "samples" / "progress.gif", index=None).shape[0] == 2
 
 
 def test_rich_live_view_under_a_terminal(tmp_path):

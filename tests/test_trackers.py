@@ -46,7 +46,7 @@ def _artifacts(client, run_id: str, path: str) -> list[str]:
 
 
 def _train(run_dir: Path, *overrides: str) -> None:
-    result = single(train_cmd(run_dir, BOTH, "log.every=5", "log.sample_every=5", *overrides))
+    result = single(train_cmd(run_dir, BOTH, "log.every=5", "log.sample_every=5", "log.plots=true", *overrides))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "disabled" not in result.stdout, result.stdout  # no tracker gave up
 

@@ -189,6 +189,8 @@ class RunOutputs:
     # ------------------------------------------------------------------ the end
     def finish_artifacts(self) -> None:
         """Plots and the progress animation, from the files (so a resumed run's cover the whole run)."""
+        if not self.cfg.log.plots:
+            return
         try:
             from gan_ddp.components import viz
 
