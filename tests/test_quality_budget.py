@@ -21,7 +21,7 @@ RUNS = ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional")
 
 
 def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: Path, evaluator_cache_copy) -> None:
-    out, budget = tmp_path / "q", 6
+    out, budget = tmp_path / "q", 4
     cache = evaluator_cache_copy(tmp_path / "cache")  # the test CNN evaluator (conftest), where the script will look
     real = evr.RealData.load("mnist", mnist_root, "test")
     evr.load_or_train_evaluator(real, cache, epochs=1, log=None, kind="mlp")  # one epoch: toy-size scores
@@ -41,7 +41,9 @@ def test_quality_budget_trains_scores_and_tabulates(mnist_root: Path, tmp_path: 
     cmd = ["bash", "launch/quality_budget.sh", str(out), str(budget), *overrides]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"^machine: .+, \d+ cores, flags: .+; budget 6 s per run$", proc.stdout, re.M), proc.stdout[:500]
+    assert re.search(rf"^machine: .+, \d+ cores, flags: .+; budget {budget} s per run$", proc.stdout, re.M), (
+        proc.stdout[:500]
+    )
 
     for name in RUNS:
         assert (out / name / "BUDGET_DONE").is_file()
