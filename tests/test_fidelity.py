@@ -75,3 +75,37 @@ def test_kid_equals_torch_fidelitys(n_real: int, n_fake: int, size: int, seed: i
         verbose=False,
     )
     assert ours == pytest.approx((reference[KEY_METRIC_KID_MEAN], reference[KEY_METRIC_KID_STD]), rel=1e-10, abs=0)
+
+
+@pytest.mark.parametrize(("n", "dim", "shift"), [(2500, 8, 0.3), (300, 4, 0.0), (1000, 16, 0.6)])
+def test_precision_recall_equal_torch_fidelitys(n: int, dim: int, shift: float) -> None:
+    """`fidelity.precision_recall` writes out torch-fidelity's (import cost): the same numbers, blocks included."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    real, fake = gaussian(n, 0, dim=dim), gaussian(n, 1, shift=shift, dim=dim)
+    ours = fidelity.precision_recall(real, fake)
+    reference = prc_features_to_metric(  # generated first, real second: torch-fidelity's convention since 0.4
+        fake, real, prc_neighborhood=fidelity.PR_NEIGHBOURS, prc_batch_size=fidelity.PR_BATCH, save_cpu_ram=True
+    )
+    assert ours == (reference[KEY_METRIC_PRECISION], reference[KEY_METRIC_RECALL])
+    assert 0 < ours[0] < 1 and 0 < ours[1] < 1  # a case that can tell precision from recall
+
+
+def test_scoring_does_not_import_torch_fidelity() -> None:
+    """What `gan-ddp eval` computes needs neither torch-fidelity nor what it imports (torchvision's models,
+    TorchDynamo): ~2 CPU-s of every evaluation process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from gan_ddp.evaluation import eval_metrics as em\n"
+        "f = torch.rand(300, 8); p = torch.softmax(torch.rand(300, 10), 1)\n"
+        "mu, sigma = em.feature_stats(f[:150])\n"
+        "m = em.compute_metrics(f[150:], p[150:], mu, sigma, f[:150])\n"
+        "assert 'eval/kid' in m and 'eval/precision' in m\n"
+        "print(sorted(x for x in ('torch_fidelity', 'torchvision.models') if x in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

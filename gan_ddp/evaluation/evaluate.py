@@ -43,7 +43,7 @@ from gan_ddp.evaluation.evaluator import (
 )
 from gan_ddp.evaluation.fidelity import MIN_SAMPLES
 from gan_ddp.runtime.barrier import main_first
-from gan_ddp.runtime.distributed import check_consistency
+from gan_ddp.runtime.distributed import check_consistency, unwrap
 
 
 # ------------------------------------------------------------------------------ set-up, samples from a file
@@ -136,7 +136,7 @@ def generate_features(
     """
     if n < 1 or batch < 1:
         raise ValueError(f"need n >= 1 and batch >= 1, got n={n}, batch={batch}")
-    G = accelerator.unwrap_model(G)
+    G = unwrap(accelerator, G)
     # Every process generates its own share, so their generators must agree bit for bit.
     check_consistency(
         accelerator, {"G": G}, step=None, hint=" (evaluation: average BatchNorm buffers over processes before scoring)"

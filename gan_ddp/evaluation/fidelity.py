@@ -5,9 +5,9 @@ whose values match the reference implementations (Binkowski et al.'s MMD-GAN cod
 precision/recall) and whose functions take feature tensors, so they fit a custom 28x28 extractor with no
 Inception weights and no download. Its image-level entry point (``calculate_metrics``) is not used: it extracts
 features itself, in one process, while gan-ddp generates and extracts them across processes and gathers them
-once with Accelerate (`evaluate.generate_features`), so only the feature-to-number step is delegated:
-precision/recall to ``prc_features_to_metric``; KID is that library's computation written out here (2x faster,
-see `kid`) and tested equal to its ``kid_features_to_metric``.
+once with Accelerate (`evaluate.generate_features`). Its feature-to-number functions are written out here
+(`kid`, `precision_recall` say why: speed, and the cost of importing the library) and tested equal to its
+``kid_features_to_metric`` and ``prc_features_to_metric``, which stay the reference (a dev dependency).
 clean-fid was also considered: its entry points take image folders or a generator function and compute in one
 process, and it offers KID but no precision/recall.
 
@@ -78,10 +78,32 @@ def kid(
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS, seed: int = 0) -> tuple[float, float]:
-    """Improved (precision, recall) of generated features against real ones, k-NN manifolds, equal set sizes."""
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+def _kth_neighbour_radii(x: Tensor, k: int) -> Tensor:
+    """(N,) distance of each row of x to its k-th nearest other row (the k + 1-th smallest, itself being 0)."""
+    return torch.cat([_cdist(rows, x).kthvalue(k + 1, dim=1).values for rows in x.split(PR_BATCH)])
 
+
+def _cdist(a: Tensor, b: Tensor) -> Tensor:
+    """(A, B) Euclidean distances, B cut in PR_BATCH columns: torch-fidelity's blocks, so its very numbers."""
+    return torch.cat([torch.cdist(a, cols) for cols in b.split(PR_BATCH)], dim=1)
+
+
+def _inside(points: Tensor, centres: Tensor, radii: Tensor) -> float:
+    """Share of points within radii[j] of some centres[j]."""
+    return (
+        torch.cat([(_cdist(rows, centres) <= radii).any(dim=1).float() for rows in points.split(PR_BATCH)])
+        .mean()
+        .item()
+    )
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS, seed: int = 0) -> tuple[float, float]:
+    """Improved (precision, recall) of generated features against real ones, k-NN manifolds, equal set sizes.
+
+    torch-fidelity's ``prc_features_to_metric`` (its blockwise ``save_cpu_ram`` path, blocks of PR_BATCH), step for
+    step. Written out because importing torch-fidelity imports torchvision's models and TorchDynamo for its own
+    feature extractors, which gan-ddp does not use: ~2 CPU-s in every `gan-ddp eval`. tests/test_fidelity.py
+    holds the two equal."""
     real, fake = _check(real, fake, k + 1)
     n = min(real.shape[0], fake.shape[0])
     gen = torch.Generator().manual_seed(seed)
@@ -89,10 +111,6 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = PR_NEIGHBOURS, seed: i
         real = real[torch.randperm(real.shape[0], generator=gen)[:n]]
     if fake.shape[0] > n:
         fake = fake[torch.randperm(fake.shape[0], generator=gen)[:n]]
-    # Generated first, real second: torch-fidelity's convention since 0.4 (0.3 took them the other way round,
-    # hence the >= 0.4 pin; tests/test_fidelity.py's repeated-sample case fails if the order is ever wrong).
-    # save_cpu_ram: distances in blocks of PR_BATCH rows, not N x N matrices.
-    out = prc_features_to_metric(
-        fake, real, prc_neighborhood=k, prc_batch_size=PR_BATCH, save_cpu_ram=True, verbose=False
-    )
-    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
+    precision = _inside(fake, real, _kth_neighbour_radii(real, k))  # samples inside the real manifold
+    recall = _inside(real, fake, _kth_neighbour_radii(fake, k))  # real images inside the samples' manifold
+    return precision, recall

@@ -170,6 +170,19 @@ def make_accelerator(
     return accelerator
 
 
+def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
+    """`accelerator.unwrap_model(model)`, without its cost where it has nothing to do.
+
+    Accelerate's unwrap first asks whether the model is compiled, through `torch._dynamo`, and on torch >= 2.1
+    touching that attribute imports TorchDynamo: ~1.3 CPU-s in a process that never needed it (`gan-ddp eval`
+    scoring a plain generator). A compiled module implies TorchDynamo is loaded, and the parallel wrappers
+    (DDP, DataParallel, FSDP, DeepSpeed) hold the model in `.module`: a model with neither is its own unwrapped
+    self."""
+    if "torch._dynamo" not in sys.modules and not hasattr(model, "module"):
+        return model
+    return accelerator.unwrap_model(model)
+
+
 def average_buffers(accelerator, modules: Iterable[nn.Module]) -> None:
     """Average floating-point buffers (BatchNorm running stats) over processes; all ranks must call."""
     if accelerator.num_processes == 1:
