@@ -37,7 +37,7 @@ train: install
 launch: install
 	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
-# 2 pytest-xdist workers by default (~11 min instead of ~19 serially on 2 cores; XDIST= runs it serially):
+# 2 pytest-xdist workers by default (~10 min on 2 cores, 2026-12-05; about 1.6x that serially; XDIST= runs it serially):
 # --dist loadgroup keeps each group of tests/conftest.py in one worker (the cluster and slurm tests one after
 # another; a module that shares a trained run), --no-loadscope-reorder keeps the collection order (the cluster
 # tests first); every process the tests start uses one thread. The rare SIGABRT of a finished gloo run that kept
