@@ -36,8 +36,9 @@ from safetensors.torch import load_file, save_file
 from gan_ddp.config import ConfigError, load_config
 from gan_ddp.runtime import checkpoint as ckpt
 from gan_ddp.runtime import faults
+from gan_ddp.runtime.faults import SECOND_INTERRUPT_AFTER_S
 from gan_ddp.training.step import GanStep
-from gan_ddp.training.stop import SECOND_INTERRUPT_AFTER_S, StopRequest
+from gan_ddp.training.stop import StopRequest
 
 LONG = ("train.epochs=1000", "train.steps=null", "log.every=1")
 
@@ -360,6 +361,44 @@ def test_interrupt_is_one_line_exit_130(capsys, monkeypatch):
     assert "interrupted" in one_error_line(capsys.readouterr().err)
 
 
+def test_signals_after_the_stop_checkpoint_keep_exit_75(monkeypatch):
+    """The command's handler outside the loop (runtime.faults): once the stop checkpoint is written, the relayed copy
+    of the stop's Ctrl-C is ignored and any later signal ends the process with 75, never 130 or death by signal."""
+    exits, lines = [], []
+    monkeypatch.setattr(faults.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(faults.os, "write", lambda fd, data: lines.append(data.decode()))
+    clock = [50.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
+    faults._exit_at_once(signal.SIGINT, None)  # no stop yet: an interrupt
+    assert exits == [faults.EXIT_INTERRUPTED] and "interrupted" in lines[-1]
+    try:
+        faults.stopped_after_checkpoint(clock[0])
+        clock[0] += SECOND_INTERRUPT_AFTER_S / 2
+        faults._exit_at_once(signal.SIGINT, None)  # the launcher's relayed copy: ignored
+        assert exits == [faults.EXIT_INTERRUPTED]
+        clock[0] += SECOND_INTERRUPT_AFTER_S
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            faults._exit_at_once(signum, None)
+            assert exits[-1] == faults.EXIT_PREEMPTED and lines[-1] == f"error: {faults.STOPPED_AGAIN_LINE}\n"
+    finally:
+        faults.stopped_after_checkpoint(None)
+
+
+def test_second_ctrl_c_after_the_stop_checkpoint_is_one_line_exit_75(capsys, monkeypatch):
+    from gan_ddp.commands import cli
+
+    def interrupted(args):
+        faults.stopped_after_checkpoint(1.0)  # what the trainer says once its stop checkpoint is written
+        raise KeyboardInterrupt  # StopRequest.handler: a Ctrl-C more than 1 s after the first
+
+    monkeypatch.setitem(cli.COMMANDS, "plot", interrupted)
+    try:
+        assert cli.main(["plot", "--run", "x"]) == 75
+    finally:
+        faults.stopped_after_checkpoint(None)
+    assert one_error_line(capsys.readouterr().err) == f"error: {faults.STOPPED_AGAIN_LINE}"
+
+
 def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
     run = tmp_path / "run"
     proc = popen_train(run, *LONG, "checkpoint.every=100000")
@@ -367,6 +406,11 @@ def test_ctrl_c_checkpoints_and_exits_75(tmp_path, capsys):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # the same Ctrl-C relayed by a launcher: not an abort
+    # A copy that a loaded machine relays late lands after the stop checkpoint, in the shut-down: still 75, the
+    # checkpoint kept (it once met the interpreter's teardown, which had put back SIGINT's default: death by signal).
+    wait_for(lambda: (run / "PREEMPTED").exists() or proc.poll() is not None, poll=0.005)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr

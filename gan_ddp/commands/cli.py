@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from gan_ddp.errors import UsageError
+from gan_ddp.runtime.faults import EXIT_PREEMPTED
 
 EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says otherwise (gan_ddp/errors.py)
 
@@ -384,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
-        print("error: interrupted (Ctrl-C); nothing was written after the newest checkpoint", file=sys.stderr)
+        if faults.after_stop_checkpoint():  # while shutting down after the stop checkpoint: nothing is lost
+            print(f"error: {faults.STOPPED_AGAIN_LINE}", file=sys.stderr)
+            return faults.EXIT_PREEMPTED
+        print(f"error: {faults.INTERRUPTED_LINE}", file=sys.stderr)
         return faults.EXIT_INTERRUPTED
     except GanDdpError as exc:  # every failure the user can act on: one line, the class's exit code
         if not faults.is_echo(exc):
@@ -422,7 +426,9 @@ def entry() -> None:
             raise
         sys.excepthook(*sys.exc_info())
         code = 1
-    if _one_of_many():
+    if _one_of_many() or code == EXIT_PREEMPTED:
+        # Also after a stop checkpoint: the interpreter's teardown puts SIGINT back to its default action, and a
+        # launcher's relayed Ctrl-C landing there would end the process by the signal instead of with 75.
         from gan_ddp.runtime.distributed import leave_process
 
         leave_process(code)

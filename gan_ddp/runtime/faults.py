@@ -7,8 +7,9 @@ heavy modules that raise them. The exit codes:
     2   bad input: config, data, checkpoint, launch, run.dir in use
     3   diverged: non-finite losses or weights (gan_ddp.runtime.guard)
     74  I/O error writing or reading the run directory (EX_IOERR)
-    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; training.stop.EXIT_PREEMPTED), or by
-        SIGTERM/SIGUSR1 outside the training loop (start-up, shut-down): nothing to save, rerun resumes
+    75  stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint (EX_TEMPFAIL; training.stop.EXIT_PREEMPTED), also when
+        signalled again while shutting down after it; or by SIGTERM/SIGUSR1 outside the training loop (start-up,
+        shut-down): nothing to save, rerun resumes
     130 aborted by a second Ctrl-C (no checkpoint), or a Ctrl-C outside the training loop
 """
 
@@ -20,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 EXIT_CRASH = 1
@@ -150,14 +152,46 @@ def stopped_line(signum: int) -> str:
     )
 
 
+# A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again a few ms
+# later (later still on a loaded machine): a second SIGINT counts only if it comes later than this after the first.
+SECOND_INTERRUPT_AFTER_S = 1.0
+STOPPED_AGAIN_LINE = "stopped again while shutting down; the stop checkpoint is complete: rerun the same command"
+
+# time.monotonic() of the signal whose stop checkpoint this process has written (training.stop), else None:
+# from then on the exit code is 75 whatever comes, and the relayed copy of that Ctrl-C is not a second one.
+_checkpointed_stop_at: float | None = None
+
+
+def stopped_after_checkpoint(at: float | None) -> None:
+    """The trainer says its stop checkpoint is written (`at`: when the stop signal came), or None when a run starts."""
+    global _checkpointed_stop_at
+    _checkpointed_stop_at = at
+
+
+def after_stop_checkpoint() -> bool:
+    return _checkpointed_stop_at is not None
+
+
+def is_relayed_copy(signum: int, first_at: float, now: float) -> bool:
+    """A SIGINT within SECOND_INTERRUPT_AFTER_S of the first stop signal: the launcher's relay, not a second Ctrl-C."""
+    return signum == signal.SIGINT and now - first_at <= SECOND_INTERRUPT_AFTER_S
+
+
 def _exit_at_once(signum: int, frame: object) -> None:
     """Before the training loop has its own handlers (imports, data, models, the process group, resuming) and
     after it: one line from rank 0 and a documented exit code, at once. Nothing held needs a goodbye: the
     kernel releases run.lock's flock with the process, a half-written checkpoint is a `.tmp-*` that the next
-    start removes, and atomic writes leave the old file whole. os.write/os._exit: no locks in a handler."""
+    start removes, and atomic writes leave the old file whole. os.write/os._exit: no locks in a handler.
+    After a stop checkpoint (the run shutting down with exit 75): the relayed copy of the stop's Ctrl-C is
+    ignored, and any later signal keeps exit 75, since everything a resume needs is written."""
+    line, code = f"error: {stopped_line(signum)}\n", EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+    if _checkpointed_stop_at is not None:
+        if is_relayed_copy(signum, _checkpointed_stop_at, time.monotonic()):
+            return
+        line, code = f"error: {STOPPED_AGAIN_LINE}\n", EXIT_PREEMPTED
     if os.environ.get("RANK", "0") in ("", "0"):
-        os.write(2, f"error: {stopped_line(signum)}\n".encode())
-    os._exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+        os.write(2, line.encode())
+    os._exit(code)
 
 
 def exit_on_signals() -> None:

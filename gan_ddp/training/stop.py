@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from gan_ddp.runtime.faults import is_relayed_copy
+
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run the same command again (launch/slurm.sbatch requeues)
 # torchrun and `accelerate launch` turn a worker's 75 into their own exit code 1: on preemption the main
@@ -30,9 +32,6 @@ DONE_MARKER = "DONE"
 LOST_MARKER = "LOST"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C stops like a preemption
 STOP_CHECK_EVERY = 10  # steps between cross-process agreements on stopping (a collective, so not every step)
-# A Ctrl-C on a terminal reaches torchrun and its workers at once, and torchrun relays it to them again
-# a few ms later: a second SIGINT aborts only if it comes later than this after the first.
-SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 @dataclass
@@ -44,8 +43,8 @@ class StopRequest:
     def handler(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
         if self.signal and signum == signal.SIGINT:
-            if now - self.at > SECOND_INTERRUPT_AFTER_S:
-                raise KeyboardInterrupt  # a second Ctrl-C: abort at once, no checkpoint
+            if not is_relayed_copy(signum, self.at, now):
+                raise KeyboardInterrupt  # a second Ctrl-C: abort at once (exit 130, or 75 after the stop checkpoint)
             return
         if not self.signal:
             self.signal, self.at = signum, now

@@ -74,6 +74,7 @@ class Trainer:
 
     def _train(self) -> int:
         p, state, out = self.parts, self.state, self.outputs
+        faults.stopped_after_checkpoint(None)
         if self.is_main:
             (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
             state.ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,8 @@ class Trainer:
             self.console.start(p.total_steps, state.step)
             try:
                 exit_code, reason = self._loop_with_rollbacks()
+                if exit_code == EXIT_PREEMPTED:  # a signal from here on keeps exit 75 (runtime.faults)
+                    faults.stopped_after_checkpoint(self.stop.at)
                 if p.world > 1:
                     self.console.print(
                         f"DDP consistency check passed {state.consistency_checks} time(s): "
