@@ -37,12 +37,13 @@ train: install
 launch: install
 	bash launch/run.sh --config $(CONFIG) $(ARGS)
 
-# 2 pytest-xdist workers by default (~10 min on 2 cores, 2026-12-05; about 1.6x that serially; XDIST= runs it serially):
+# 3 pytest-xdist workers by default (~10.5 min on 2 cores, 2026-12-05, against ~11.3 with 2: the cluster tests wait
+# on timeouts and leave a core idle; about 1.6x that serially; XDIST= runs it serially):
 # --dist loadgroup keeps each group of tests/conftest.py in one worker (the cluster and slurm tests one after
 # another; a module that shares a trained run), --no-loadscope-reorder keeps the collection order (the cluster
 # tests first); every process the tests start uses one thread. The rare SIGABRT of a finished gloo run that kept
 # this serial before is fixed (docs/faults.md, "Leaving a multi-process run").
-XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
+XDIST ?= -n 3 --dist loadgroup --no-loadscope-reorder
 
 test: install-dev
 	$(PY) -m pytest -q $(XDIST)

@@ -70,17 +70,29 @@ fi
 data=$("$PY" -c 'import sys; from omegaconf import OmegaConf as O; d = O.load(sys.argv[1]).data; print(d.dataset, d.root, d.split)' \
     "$OUT/$first/config.yaml")
 read -r dataset root split <<<"$data"
-for evaluator in cnn mlp; do
-    for name in mnist_mlp mnist_dcgan mnist_quality mnist_conditional; do
-        wanted "$name" || continue
-        "$GAN" eval --run "$OUT/$name" --all-checkpoints --n "$N" --evaluator "$evaluator" --json "$OUT/$name.$evaluator.json"
-    done
-    wanted textbook || continue
-    for npz in "$OUT"/textbook/t*.npz; do
-        "$GAN" eval --samples "$npz" --dataset "$dataset" --root "$root" --split "$split" --evaluator "$evaluator" \
-            --json "${npz%.npz}.$evaluator.json"
-    done
-done
+# Every score is one `gan-ddp eval` command line; they run one after another in a single Python process
+# (`gan_ddp.commands.cli.main`, what the console script calls), since starting the interpreter and torch
+# for each cost more than the scoring itself at small N (12 processes of ~4 s each at N=400).
+"$PY" - "$OUT" "$N" "$dataset" "$root" "$split" "${RUNS[@]}" <<'EOF'
+import sys
+from pathlib import Path
+from gan_ddp.commands.cli import main
+out, n, dataset, root, split, runs = Path(sys.argv[1]), *sys.argv[2:6], sys.argv[6:]
+for evaluator in ("cnn", "mlp"):
+    jobs = [
+        ["--run", out / name, "--all-checkpoints", "--n", n, "--json", out / f"{name}.{evaluator}.json"]
+        for name in ("mnist_mlp", "mnist_dcgan", "mnist_quality", "mnist_conditional") if name in runs
+    ]
+    if "textbook" in runs:  # scored against the real data the runs used
+        jobs += [
+            ["--samples", npz, "--dataset", dataset, "--root", root, "--split", split, "--json", npz.with_suffix(f".{evaluator}.json")]
+            for npz in sorted((out / "textbook").glob("t*.npz"))
+        ]
+    for job in jobs:
+        code = main(["eval", *map(str, job), "--evaluator", evaluator])
+        if code:
+            sys.exit(code)  # the command printed its one error line
+EOF
 "$PY" - "$OUT" "$SECONDS_BUDGET" "${RUNS[@]}" <<'EOF'
 import json, sys
 out, budget, runs = sys.argv[1], float(sys.argv[2]), sys.argv[3:]

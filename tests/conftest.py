@@ -1,6 +1,6 @@
 """Shared fixtures: the real MNIST t10k data, the test evaluator, command-line runners (a subprocess: `run_cli`; this
 process: `cli`) and the smoke-run overrides; and how the suite is split between pytest-xdist workers
-(`make test` runs `-n 2 --dist loadgroup`), one thread per process."""
+(`make test` runs `-n 3 --dist loadgroup`), one thread per process."""
 
 from __future__ import annotations
 
