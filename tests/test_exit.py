@@ -45,17 +45,34 @@ def test_a_process_that_leaves_never_meets_the_gloo_teardown_abort():
 
 
 def test_leave_process_does_what_sys_exit_would_first(monkeypatch):
+    """In the interpreter's order: threads (the threading module's shutdown), atexit handlers, then the exit. Faked
+    here: the real threading shutdown would end this test process's own thread pools."""
     seen: list[str] = []
-
-    def worker() -> None:
-        seen.append("thread")
-
-    thread = threading.Thread(target=worker)  # not a daemon: sys.exit would wait for it
+    monkeypatch.setattr(threading, "_shutdown", lambda: seen.append("threads"))
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: seen.append("atexit"))
     monkeypatch.setattr(distributed.os, "_exit", lambda code: seen.append(f"exit {code}"))
-    thread.start()
     distributed.leave_process(3)
-    assert seen == ["thread", "atexit", "exit 3"]
+    assert seen == ["threads", "atexit", "exit 3"]
+
+
+LEAVING = """
+import atexit, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from gan_ddp.runtime.distributed import leave_process
+pool = ThreadPoolExecutor(1)  # an idle pool thread (inductor's compile workers, trackers): not a daemon
+pool.submit(print, "pool", flush=True).result()
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread", flush=True))).start()
+atexit.register(print, "atexit", flush=True)
+leave_process(3)
+"""
+
+
+def test_leave_process_ends_a_process_with_an_idle_thread_pool_after_its_threads_and_atexit():
+    # Joining every non-daemon thread without the threading module's exit hooks waited forever on the idle pool thread.
+    proc = subprocess.run([sys.executable, "-c", LEAVING], cwd=REPO, env=base_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["pool", "thread", "atexit"]
 
 
 @pytest.mark.parametrize(

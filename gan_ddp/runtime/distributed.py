@@ -351,13 +351,14 @@ def _run(fn: Callable[[], None], found: dict[str, Any]) -> None:
 def leave_process(code: int) -> NoReturn:
     """End this process with `code` the way `sys.exit` would, minus the interpreter's own teardown.
 
-    For processes of a multi-process launch (after training; the process group is already destroyed):
-    non-daemon threads are joined and atexit handlers run (trackers, multiprocessing children, logging)
-    while the interpreter still works, then stdout/stderr are flushed and the process exits at once."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # the public registry has no "run now"; this is what the interpreter itself calls
+    For processes of a multi-process launch (after training; the process group is already destroyed) and runs
+    stopped by a signal: the interpreter's own first steps of an exit, in its order, while it still works: the
+    threading module's shutdown (its exit hooks, which tell idle `concurrent.futures` pool threads to end, then the
+    join of every non-daemon thread; joining them without the hooks waited forever on an idle pool thread), the
+    atexit handlers (trackers, multiprocessing children, logging), stdout/stderr flushed; then the process exits
+    at once. Both private calls are what the interpreter itself calls at exit; the public API has no "run now"."""
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe must not change the exit code
             stream.flush()
