@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from gan_ddp.errors import UsageError
-from gan_ddp.runtime.faults import EXIT_PREEMPTED
+from gan_ddp.runtime import faults
 
 EXIT_USAGE = 2  # also the exit code of every GanDdpError unless its class says otherwise (gan_ddp/errors.py)
 
@@ -380,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from gan_ddp.errors import GanDdpError
-    from gan_ddp.runtime import faults
 
     try:
         return COMMANDS[args.command](args)
@@ -426,7 +425,7 @@ def entry() -> None:
             raise
         sys.excepthook(*sys.exc_info())
         code = 1
-    if _one_of_many() or code == EXIT_PREEMPTED:
+    if _one_of_many() or code == faults.EXIT_PREEMPTED:
         # Also after a stop checkpoint: the interpreter's teardown puts SIGINT back to its default action, and a
         # launcher's relayed Ctrl-C landing there would end the process by the signal instead of with 75.
         from gan_ddp.runtime.distributed import leave_process

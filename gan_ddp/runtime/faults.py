@@ -184,13 +184,14 @@ def _exit_at_once(signum: int, frame: object) -> None:
     start removes, and atomic writes leave the old file whole. os.write/os._exit: no locks in a handler.
     After a stop checkpoint (the run shutting down with exit 75): the relayed copy of the stop's Ctrl-C is
     ignored, and any later signal keeps exit 75, since everything a resume needs is written."""
-    line, code = f"error: {stopped_line(signum)}\n", EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
-    if _checkpointed_stop_at is not None:
-        if is_relayed_copy(signum, _checkpointed_stop_at, time.monotonic()):
-            return
-        line, code = f"error: {STOPPED_AGAIN_LINE}\n", EXIT_PREEMPTED
+    if _checkpointed_stop_at is None:
+        line, code = stopped_line(signum), EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+    elif is_relayed_copy(signum, _checkpointed_stop_at, time.monotonic()):
+        return
+    else:
+        line, code = STOPPED_AGAIN_LINE, EXIT_PREEMPTED
     if os.environ.get("RANK", "0") in ("", "0"):
-        os.write(2, line.encode())
+        os.write(2, f"error: {line}\n".encode())
     os._exit(code)
 
 
